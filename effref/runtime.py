@@ -1,0 +1,84 @@
+"""Device choice, seeding and the quick/paper scale switch every chapter uses.
+
+The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two knobs make that work:
+
+- ``get_device()`` picks cuda → mps → cpu (override with ``EFFREF_DEVICE``).
+- ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
+  steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
+  *paper* on a CUDA GPU and *quick* everywhere else.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+SCALE_NAMES = ("quick", "paper")
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """Return the best available device: ``prefer``, else ``$EFFREF_DEVICE``, else cuda → mps → cpu."""
+    choice = prefer or os.environ.get("EFFREF_DEVICE")
+    if choice:
+        device = torch.device(choice)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={choice!r} was asked for but CUDA is not available; use 'cpu'")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError(f"device={choice!r} was asked for but MPS is not available; use 'cpu'")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int = 0) -> torch.Generator:
+    """Seed Python, NumPy and torch (all devices); return a CPU generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How much work a chapter may do. Every number a chapter prints is labelled with ``describe()``."""
+
+    name: str
+    eval_windows: int | None  # perplexity windows of `window` tokens; None = the whole split
+    window: int  # tokens per perplexity window
+    calib_samples: int  # calibration sequences for compression methods
+    calib_len: int  # tokens per calibration sequence
+    train_steps: int  # optimisation steps for fine-tuning / distillation demos
+    gen_tokens: int  # new tokens for throughput measurements
+
+    def describe(self) -> str:
+        windows = "all" if self.eval_windows is None else str(self.eval_windows)
+        return (f"{self.name} scale: {windows} × {self.window}-token windows, "
+                f"{self.calib_samples} × {self.calib_len}-token calibration samples")
+
+
+SCALES = {
+    # ~8 × 1.3 s forward passes of SmolLM2 on 2 CPU cores: one evaluation in ~10 s.
+    "quick": Scale("quick", eval_windows=8, window=512, calib_samples=16, calib_len=256,
+                   train_steps=30, gen_tokens=32),
+    # The papers' protocol: the full test split in 2048-token windows, 128 × 2048 calibration tokens.
+    "paper": Scale("paper", eval_windows=None, window=2048, calib_samples=128, calib_len=2048,
+                   train_steps=1000, gen_tokens=256),
+}
+
+
+def get_scale(name: str | None = None) -> Scale:
+    """Return the scale named ``name``, else ``$EFFREF_SCALE``; ``auto`` = paper on CUDA, quick otherwise."""
+    choice = (name or os.environ.get("EFFREF_SCALE") or "auto").lower()
+    if choice == "auto":
+        choice = "paper" if torch.cuda.is_available() else "quick"
+    if choice not in SCALES:
+        raise ValueError(f"scale={choice!r} is not known; use one of {SCALE_NAMES} or 'auto' "
+                         "(set EFFREF_SCALE or pass name=)")
+    return SCALES[choice]
