@@ -1,0 +1,103 @@
+"""Triton kernels for the book, each beside the plain-PyTorch reference it must agree with.
+
+Every module here (``kernels/rmsnorm.py`` is the template) holds one Triton kernel, the launcher that checks
+its arguments, a reference in eager PyTorch, and a ``BENCHMARK`` entry that ``python -m kernels.bench`` picks
+up. The kernels run on a CUDA GPU; on a machine without one, Triton's *interpreter* runs the same kernel
+source on CPU tensors (slowly: about 2.5 ms per program, so tests use small shapes and large blocks).
+
+The interpreter switch. Triton decides between compiling and interpreting when a ``@triton.jit`` decorator
+runs, by reading ``TRITON_INTERPRET``. This ``__init__`` runs before any kernel module, so it settles the
+variable here, once:
+
+1. ``EFFREF_TRITON_INTERPRET=1`` or ``=0``, if set, wins;
+2. else a ``TRITON_INTERPRET`` that the caller already exported is respected;
+3. else the interpreter is used exactly when no CUDA GPU is present.
+
+Step 3 must stay cheap and must not poison ``fork()``: a CPU-only torch build answers without touching any
+driver, and on a CUDA build the question goes to NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) rather than
+``cuInit``, which would leave forked children unable to use the GPU.
+
+The name. ``kernels`` is also the import name of Hugging Face's hub-kernels package, which transformers
+probes for. This package deliberately has no ``__version__`` and imports neither triton nor any kernel
+module on import, so a probe that ends up importing it pays little and still finds no usable version;
+``tests/kernels/test_namespace.py`` shows what transformers actually does.
+
+Public names: ``INTERPRETED`` (bool), ``INTERPRET_REASON`` (why), ``triton_available()``, ``describe()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping
+
+import torch
+
+TRUE_WORDS = ("1", "true", "on", "yes")  # what Triton itself reads as "on"
+FALSE_WORDS = ("0", "false", "off", "no", "")
+
+
+def _parse_flag(name: str, value: str) -> bool:
+    """Read an on/off environment variable, refusing anything ambiguous."""
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ValueError(f"{name}={value!r} is not an on/off value; set it to 1 (interpret on CPU) or 0 (compile "
+                     "for the GPU), or unset it to decide from the hardware")
+
+
+def cuda_gpu_present() -> bool:
+    """True when a CUDA (or ROCm) GPU is visible, asked without initialising the CUDA driver if possible."""
+    if not torch.backends.cuda.is_built():
+        return False  # a CPU-only wheel: no driver to ask
+    if torch.cuda.is_initialized():
+        return torch.cuda.is_available()  # CUDA is already up; asking again costs nothing
+    saved = os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK")
+    os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = "1"  # ask NVML: fork() stays usable
+    try:
+        return torch.cuda.is_available()
+    finally:
+        if saved is None:
+            del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        else:
+            os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"] = saved
+
+
+def resolve_interpret(environ: Mapping[str, str], gpu_present: Callable[[], bool]) -> tuple[bool, str]:
+    """Decide whether Triton should interpret, and say why (rules 1-3 of the module docstring)."""
+    override = environ.get("EFFREF_TRITON_INTERPRET")
+    if override is not None and override.strip():
+        on = _parse_flag("EFFREF_TRITON_INTERPRET", override)
+        return on, f"EFFREF_TRITON_INTERPRET={override.strip()}"
+    preset = environ.get("TRITON_INTERPRET")
+    if preset is not None:
+        return preset.strip().lower() in TRUE_WORDS, f"TRITON_INTERPRET={preset} was already set"
+    if gpu_present():
+        return False, "a CUDA GPU is present"
+    return True, "no CUDA GPU is present"
+
+
+INTERPRETED, INTERPRET_REASON = resolve_interpret(os.environ, cuda_gpu_present)
+os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when ``import triton`` works (the optional ``effref[triton]`` extra, Linux only)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def describe() -> str:
+    """One line for logs and chapter outputs: Triton version and whether it compiles or interprets."""
+    if not triton_available():
+        return "Triton is not installed (pip install 'effref[triton]'); only the PyTorch references run"
+    import triton
+
+    mode = "interpreter on CPU tensors" if INTERPRETED else "compiled for the GPU"
+    return f"Triton {triton.__version__}, {mode} ({INTERPRET_REASON})"

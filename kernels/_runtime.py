@@ -1,0 +1,86 @@
+"""What every kernel module shares: the Triton import, launch-time checks, and the benchmark entry.
+
+A kernel module starts with ``from kernels._runtime import triton, tl, ...``. When Triton is installed these
+are the real modules. When it is not (macOS, Windows, or a plain ``pip install effref``), they are a
+stand-in that lets ``@triton.jit`` and ``tl.constexpr`` annotations evaluate, so the module still imports
+and its PyTorch reference still works; the launcher's first line, ``require_triton()``, then raises an
+error that says how to install it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+import kernels
+
+INSTALL_HINT = "pip install 'effref[triton]'"
+
+
+class _TritonMissing:
+    """Stand-in for ``triton`` and ``triton.language``: attribute access and decoration are no-ops."""
+
+    def __getattr__(self, name: str) -> Any:  # tl.constexpr, tl.float32, triton.jit, ...
+        return self
+
+    def __call__(self, fn: Any = None, **options: Any) -> Any:  # @triton.jit and @triton.jit(...)
+        return fn if callable(fn) else self
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the optional extra is not installed
+    triton = _TritonMissing()
+    tl = _TritonMissing()
+
+
+def require_triton(kernel: str) -> None:
+    """Raise a clear ImportError when Triton is missing; the first line of every launcher."""
+    if not kernels.triton_available():
+        raise ImportError(f"the {kernel} kernel needs Triton, which is not installed; run {INSTALL_HINT} "
+                          "(Linux only), or call the PyTorch reference in the same module instead")
+
+
+def check_device(name: str, tensor: torch.Tensor) -> None:
+    """Compiled Triton reads GPU memory only; the interpreter also takes CPU tensors."""
+    if not kernels.INTERPRETED and tensor.device.type != "cuda":
+        raise ValueError(f"{name} is on {tensor.device}, but Triton compiles for the GPU here "
+                         f"({kernels.INTERPRET_REASON}); move it with .cuda(), or set "
+                         "EFFREF_TRITON_INTERPRET=1 before importing kernels to run the interpreter on CPU")
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two ≥ n (``tl.arange`` extents must be powers of two)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One kernel's entry in ``python -m kernels.bench``; a kernel module exposes it as ``BENCHMARK``.
+
+    ``make_inputs(shape, dtype, device)`` returns the positional arguments that ``kernel``, ``reference`` and
+    every baseline accept. ``reference`` is the correctness oracle; ``baselines`` are what the kernel is
+    timed against (the reference usually among them). ``bytes_moved`` and ``flops`` give the kernel's
+    ideal traffic and work for one call, from which the bench draws the roofline: the fastest possible
+    time is max(bytes / peak bandwidth, flops / peak FLOP/s).
+    """
+
+    name: str
+    make_inputs: Callable[[Shape, torch.dtype, torch.device], tuple]
+    kernel: Callable[..., torch.Tensor]
+    reference: Callable[..., torch.Tensor]
+    baselines: dict[str, Callable[..., torch.Tensor]]
+    bytes_moved: Callable[[Shape, torch.dtype], int]
+    flops: Callable[[Shape, torch.dtype], int] | None = None
+    shapes: Sequence[Shape] = ()  # GPU benchmark shapes, paper-sized
+    check_shapes: Sequence[Shape] = ()  # small shapes for the interpreter on CPU
+    dtypes: Sequence[torch.dtype] = (torch.bfloat16,)
+    tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)  # dtype -> (atol, rtol)
+    shape_names: str = ""  # what the shape tuple means, e.g. "(tokens, hidden)"
