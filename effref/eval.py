@@ -144,6 +144,9 @@ class PerplexityResult:
     window: int  # tokens of the stream per window (the stream length if it is shorter than one window)
     stride: int  # equal to window when the stream is a single short window
     bos: bool
+    # Mean NLL of the tokens scored at each content position 0..window-1 of a window, averaged over windows
+    # (NaN where nothing was scored, e.g. position 0 without BOS): how the loss depends on the context length.
+    nll_by_position: torch.Tensor = field(repr=False, compare=False, default=None)
 
     def describe(self) -> str:
         noun = "window" if self.windows == 1 else "windows"
@@ -195,6 +198,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     later_start = max(window - stride, 1 - shift)  # first scored content position in windows k >= 1
     device = _model_device(model)
     total_nll, scored = 0.0, 0
+    position_nll = torch.zeros(window, dtype=torch.float64)  # (W,) summed over windows
+    position_count = torch.zeros(window, dtype=torch.float64)  # (W,)
     was_training = model.training
     model.eval()
     try:
@@ -214,6 +219,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
                     nll = F.cross_entropy(pred, inputs[row, start + shift:], reduction="none")  # (scored,)
                     total_nll += nll.double().sum().item()
                     scored += nll.numel()
+                    position_nll[start:] += nll.double().cpu()
+                    position_count[start:] += 1
                 bar.update(len(ks))
     finally:
         model.train(was_training)
@@ -221,7 +228,8 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     nll_per_token = total_nll / scored
     ppl = math.exp(nll_per_token) if nll_per_token < 700 else math.inf
     return PerplexityResult(ppl=ppl, nll_per_token=nll_per_token, scored_tokens=scored, windows=n_windows,
-                            window=window, stride=stride, bos=bos)
+                            window=window, stride=stride, bos=bos,
+                            nll_by_position=position_nll / position_count)
 
 
 # ----------------------------------------------------------------------------------------------------------

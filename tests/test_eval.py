@@ -123,6 +123,18 @@ def test_perplexity_matches_per_prefix_brute_force(hf_model, stream, window, str
     assert result.ppl == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
+def test_nll_by_position_is_the_per_position_mean_over_windows(hf_model, stream):
+    window, windows = 8, 3
+    result = perplexity(hf_model, stream[: window * windows], window=window, progress=False)
+    expected = torch.full((window,), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        for j in range(1, window):  # position 0 has no context and is never scored
+            nlls = [-hf_model(stream[b:b + j][None]).logits[0, -1].double().log_softmax(-1)[stream[b + j]].item()
+                    for b in range(0, window * windows, window)]  # one separate prefix per window
+            expected[j] = sum(nlls) / windows
+    torch.testing.assert_close(result.nll_by_position, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
 @pytest.mark.parametrize("n, window, stride, bos, max_windows, windows, scored", [
     (100, 16, None, False, None, 6, 6 * 15),
     (100, 16, 8, False, None, 11, 15 + 10 * 8),

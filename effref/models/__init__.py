@@ -98,7 +98,8 @@ def _load_transformers(name: str, spec: ModelSpec, source: str, dtype: torch.dty
     if origin == "offline":
         folder = assets.asset_path(spec.offline_asset)  # raises AssetMissingError with the fix
         provenance = json.loads((folder / "provenance.json").read_text())
-        location, detail = str(folder), provenance.get("detail", "offline weights")
+        location = str(folder)
+        detail = f"{provenance['model']} from {provenance['source_package']}, {provenance['conversion']}"
     else:
         location, detail = spec.hub_id, "hub weights as published"
     hf_logging.disable_progress_bar()

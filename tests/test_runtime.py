@@ -1,0 +1,44 @@
+"""Device choice, seeding and the scale switch."""
+
+import pytest
+import torch
+
+from effref.runtime import SCALES, get_device, get_scale, seed_everything
+
+
+def test_default_device_on_this_machine_is_the_best_available(monkeypatch):
+    monkeypatch.delenv("EFFREF_DEVICE", raising=False)
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if torch.backends.mps.is_available() else "cpu")
+    assert get_device().type == expected
+
+
+def test_device_override_from_environment(monkeypatch):
+    monkeypatch.setenv("EFFREF_DEVICE", "cpu")
+    assert get_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_asking_for_missing_cuda_is_a_clear_error():
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        get_device("cuda")
+
+
+def test_seed_everything_makes_draws_repeat():
+    seed_everything(7)
+    a = torch.randn(5), torch.rand(3, generator=seed_everything(7))
+    seed_everything(7)
+    b = torch.randn(5), torch.rand(3, generator=seed_everything(7))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_auto_scale_follows_the_device(monkeypatch):
+    monkeypatch.delenv("EFFREF_SCALE", raising=False)
+    assert get_scale().name == ("paper" if torch.cuda.is_available() else "quick")
+    monkeypatch.setenv("EFFREF_SCALE", "paper")
+    assert get_scale() is SCALES["paper"]
+    assert "paper scale" in get_scale().describe()
+
+
+def test_unknown_scale_names_the_choices():
+    with pytest.raises(ValueError, match="scale='huge'.*quick"):
+        get_scale("huge")
