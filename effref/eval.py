@@ -70,7 +70,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from tqdm.auto import tqdm
+
+from effref.runtime import progress_bar
 
 # ----------------------------------------------------------------------------------------------------------
 # Two model interfaces, one call
@@ -203,7 +204,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), tqdm(total=n_windows, desc="perplexity", unit="window",
+        with torch.inference_mode(), progress_bar(total=n_windows, desc="perplexity", unit="window",
                                           disable=not progress) as bar:
             for first in range(0, n_windows, batch_size):
                 ks = range(first, min(first + batch_size, n_windows))

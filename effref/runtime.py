@@ -1,8 +1,10 @@
 """Device choice, seeding and the quick/paper scale switch every chapter uses.
 
-The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two knobs make that work:
+The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two knobs make that work, and one progress bar serves both:
 
 - ``get_device()`` picks cuda → mps → cpu (override with ``EFFREF_DEVICE``).
+- ``progress_bar`` is the tqdm bar every long loop uses (a widget in notebooks that have ipywidgets, text
+  elsewhere).
 - ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
   steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
   *paper* on a CUDA GPU and *quick* everywhere else.
@@ -16,6 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+try:  # notebook progress widgets need ipywidgets; without it tqdm.auto warns, so fall back to text bars
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm as progress_bar
+except ImportError:
+    from tqdm import tqdm as progress_bar
 
 SCALE_NAMES = ("quick", "paper")
 
