@@ -1,0 +1,357 @@
+"""LLaMA from scratch: the decoder every later chapter takes apart.
+
+Papers: Touvron et al. (2023), "LLaMA: Open and Efficient Foundation Language Models", arXiv:2302.13971
+(§2.2); Su et al. (2021), "RoFormer", arXiv:2104.09864 (RoPE, Eq. 34); Zhang & Sennrich (2019),
+arXiv:1910.07467 (RMSNorm, Eq. 4); Shazeer (2020), arXiv:2002.05202 (SwiGLU, FFN_SwiGLU in §2);
+Ainslie et al. (2023), arXiv:2305.13245 (grouped-query attention).
+Implements: a pre-norm decoder  h = x + Attn(RMSNorm(x)),  out = h + MLP(RMSNorm(h)),  with
+  RMSNorm(x) = g ⊙ x / sqrt(mean(x²) + ε),
+  RoPE on queries and keys in the "rotate half" layout of Hugging Face LLaMA (so its weights load unpermuted),
+  attention softmax(q kᵀ / sqrt(d_head) + causal mask) v with n_kv_heads ≤ n_heads (each group of
+  n_heads / n_kv_heads query heads shares one key/value head),
+  SwiGLU MLP  down(silu(gate(x)) ⊙ up(x)),
+an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers' LlamaForCausalLM.
+Glossary: B batch · T new tokens in this call · S keys attended to (cached + new) · d_model hidden size
+          · n_heads / n_kv_heads query / key-value heads · d_head = d_model / n_heads · d_ff MLP width
+          · θ rope_theta · ε norm_eps · offset = cache.length, the position of the first new token.
+Left out: padding masks (batches hold equal-length prompts), RoPE scaling variants (linear, dynamic, YaRN,
+          llama3), biases in the projections, dropout, tensor parallelism; fused kernels live in kernels/.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    import transformers
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    d_model: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 32
+    d_ff: int = 11008
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                             f"pick n_heads among the divisors of {self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
+                             f"each key/value head must serve a whole group of query heads")
+        if self.d_head % 2:
+            raise ValueError(f"d_head={self.d_head} (d_model / n_heads) is odd; RoPE rotates pairs of "
+                             "dimensions, so choose d_model and n_heads that give an even d_head")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_hf(cls, hf_config: transformers.LlamaConfig) -> LlamaConfig:
+        """Read a transformers ``LlamaConfig`` (v4: ``rope_theta`` attribute; v5: ``rope_parameters`` dict)."""
+        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"rope scaling type {rope_type!r} is not supported; only the default RoPE is "
+                             "implemented (use a model without rope scaling, or add the variant here)")
+        extras = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
+        for name, wanted in extras.items():
+            if getattr(hf_config, name, wanted) != wanted:
+                raise ValueError(f"hf_config.{name}={getattr(hf_config, name)!r} is not supported; "
+                                 f"this implementation assumes {wanted!r}")
+        d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
+        head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
+        if head_dim * n_heads != d_model:
+            raise ValueError(f"hf_config.head_dim={head_dim} differs from hidden_size / num_attention_heads = "
+                             f"{d_model} / {n_heads}; decoupled head sizes are not supported")
+        eos = hf_config.eos_token_id
+        return cls(vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
+                   n_heads=n_heads, n_kv_heads=hf_config.num_key_value_heads or n_heads,
+                   d_ff=hf_config.intermediate_size,
+                   rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
+                   norm_eps=hf_config.rms_norm_eps, max_seq_len=hf_config.max_position_embeddings,
+                   tie_embeddings=bool(hf_config.tie_word_embeddings), bos_id=hf_config.bos_token_id,
+                   eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)  # several EOS ids: keep the first
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as (B, n_kv_heads, max_len, d_head) per layer.
+
+    Protocol (one forward call with T new tokens): the model reads ``length`` (the position of the first new
+    token), each attention layer calls ``update(layer, k, v)``, which stores the new keys/values after the old
+    ones and returns everything that layer should attend to, and the model finally calls ``advance(T)``.
+    Preallocating avoids the O(length) copy that growing by ``torch.cat`` pays on every decoding step.
+    A subclass may change what ``update`` returns (an eviction policy drops columns), as long as the T new
+    keys come last, in order: the causal mask is built from that rule, not from ``length``.
+    """
+
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, d_head: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        shape = (batch_size, n_kv_heads, max_len, d_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
+        self.length = 0  # tokens already stored = position of the next token
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {start} cached + {k.shape[2]} new tokens > max_len="
+                             f"{self.max_len}; create the cache with a larger max_len")
+        self.k[layer][:, :, start:end] = k  # (B, n_kv_heads, T, d_head) written in place
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_kv_heads, S, d_head) views
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget every token from position ``length`` on (speculative decoding rolls back rejected drafts)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"length={length} must lie in [0, {self.length}] (the tokens currently cached)")
+        self.length = length
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))  # g
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()  # the mean of squares in fp32 even for a bf16 model
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # Eq. 4: x / RMS(x)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(d_head: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of angle m·θ^(-2i/d_head) for positions m < max_len, each (max_len, d_head).
+
+    The frequency of pair i is repeated in columns i and i + d_head/2: HF LLaMA rotates dimension i with
+    dimension i + d_head/2 ("rotate half") rather than the paper's adjacent pairs (2i, 2i+1).
+    """
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)  # (d_head/2,)
+    angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, d_head/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (max_len, d_head)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, d_head) by the angles of its positions; cos, sin are (T, d_head)."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, heads, T, d_head/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, heads, T, d_head)
+    return x * cos + rotated * sin  # RoFormer Eq. 34, pairs (i, i + d_head/2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.d_head = layer, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, n_heads, T, d_head)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, n_kv, T, d_head)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.d_head).transpose(1, 2)  # (B, n_kv, T, d_head)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv, S, d_head)
+        S = k.shape[2]
+        groups = self.n_heads // self.n_kv_heads  # query head h reads key/value head h // groups
+        k = k.repeat_interleave(groups, dim=1)  # (B, n_heads, S, d_head)
+        v = v.repeat_interleave(groups, dim=1)  # (B, n_heads, S, d_head)
+        if T == S or T == 1:  # plain causal prefill, or one new token that may see everything
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)  # (B, n_heads, T, d_head)
+        else:  # new tokens are the last T of S keys: query i sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads, T, d_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.d_head))  # (B, T, d_model)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU, (B, T, d_ff) inside, (B, T, d_model) out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int):
+        super().__init__()
+        self.attn_norm, self.attn = RMSNorm(cfg.d_model, cfg.norm_eps), Attention(cfg, layer)
+        self.mlp_norm, self.mlp = RMSNorm(cfg.d_model, cfg.norm_eps), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)  # (B, T, d_model)
+        return x + self.mlp(self.mlp_norm(x))  # (B, T, d_model)
+
+
+# transformers' parameter names, one dotted component at a time -> ours (q/k/v/o_proj and lm_head agree).
+_HF_NAMES = {"embed_tokens": "embed", "layers": "blocks", "self_attn": "attn", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "mlp_norm", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_head)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, d_head)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens (default: max_seq_len).
+
+        The memory is taken at once: 2 · n_layers · batch_size · n_kv_heads · max_len · d_head numbers
+        (SmolLM2-135M in fp32: 45 KiB per token, 360 MiB for all 8192 positions), so pass the ``max_len``
+        you need.
+        """
+        max_len = self.cfg.max_seq_len if max_len is None else max_len
+        if batch_size < 1 or not 1 <= max_len <= self.cfg.max_seq_len:
+            raise ValueError(f"batch_size={batch_size}, max_len={max_len}: need batch_size >= 1 and "
+                             f"1 <= max_len <= max_seq_len={self.cfg.max_seq_len}")
+        w = self.embed.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.d_head, max_len,
+                       dtype=w.dtype, device=w.device)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for token ids (B, T); with a cache, the ids continue the cached sequence."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
+        B, T = input_ids.shape
+        offset = 0 if cache is None else cache.length
+        if offset + T > self.cfg.max_seq_len:
+            raise ValueError(f"{offset} cached + {T} new tokens exceed max_seq_len={self.cfg.max_seq_len}; "
+                             "shorten the input or reset the cache")
+        if cache is not None and cache.batch_size != B:
+            raise ValueError(f"cache.batch_size={cache.batch_size} but input_ids has B={B}; "
+                             "create the cache with model.new_cache(B)")
+        cos, sin = self.rope_cos[offset:offset + T], self.rope_sin[offset:offset + T]  # (T, d_head) each
+        x = self.embed(input_ids)  # (B, T, d_model)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)  # (B, T, d_model)
+        if cache is not None:
+            cache.advance(T)
+        return self.lm_head(self.norm(x))  # (B, T, vocab)
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int | None = None, eos_id: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sequence, (B,), one step at a time: one prefill, then cached steps.
+
+        Greedy when ``temperature == 0``; otherwise sample softmax(logits / temperature), restricted to the
+        ``top_k`` most likely tokens when given. Sequences that emitted ``eos_id`` keep emitting it, and the
+        stream stops once all of them have.
+        """
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}; use ids[None]")
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}: "
+                             "need max_new_tokens >= 0, temperature >= 0 and top_k >= 1 (or None)")
+        total = input_ids.shape[1] + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt {input_ids.shape[1]} + max_new_tokens={max_new_tokens} tokens exceed "
+                             f"max_seq_len={self.cfg.max_seq_len}; ask for fewer new tokens")
+        if max_new_tokens == 0:
+            return
+        cache = self.new_cache(input_ids.shape[0], max_len=total)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # (B,)
+        logits = self(input_ids, cache)[:, -1]  # prefill, (B, vocab)
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(dim=-1)  # (B,)
+            else:
+                logits = logits.float() / temperature  # (B, vocab)
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            yield token
+            if step + 1 == max_new_tokens or bool(done.all()):
+                return
+            logits = self(token[:, None], cache)[:, -1]  # (B, vocab)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """The prompt followed by up to ``max_new_tokens`` tokens, (B, T + new); see ``generate_stream``.
+
+        ``stream`` (optional) is called with each new (B,) token as soon as it exists.
+        """
+        new = []
+        for token in self.generate_stream(input_ids, max_new_tokens, temperature, top_k, eos_id, generator):
+            if stream is not None:
+                stream(token)
+            new.append(token[:, None])  # (B, 1)
+        return torch.cat([input_ids, *new], dim=1)  # (B, T + new)
+
+    @classmethod
+    def from_hf(cls, hf_model: transformers.LlamaForCausalLM) -> Llama:
+        """Our model with the weights (and dtype, device) of a transformers ``LlamaForCausalLM``."""
+        if getattr(getattr(hf_model, "config", None), "model_type", None) != "llama" or not hasattr(
+                hf_model, "lm_head"):
+            raise ValueError(f"hf_model must be a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
+        cfg = LlamaConfig.from_hf(hf_model.config)
+        weight = hf_model.get_input_embeddings().weight
+        model = cls(cfg).to(device=weight.device, dtype=weight.dtype)
+        state = {".".join(_HF_NAMES.get(part, part) for part in name.split(".") if part != "model"): tensor
+                 for name, tensor in hf_model.state_dict().items()}
+        if cfg.tie_embeddings:
+            state.pop("lm_head.weight", None)  # shared with embed.weight, which is loaded
+            state["lm_head.weight"] = state["embed.weight"]
+        model.load_state_dict(state, strict=True)
+        return model.eval()
