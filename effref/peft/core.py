@@ -1,0 +1,134 @@
+"""Shared plumbing of every parameter-efficient method: find layers, swap them, freeze, save only the adapter.
+
+Each PEFT method in ``effref.peft`` adds a few tensors to a frozen base model. Four things are the same
+for all of them and live here once:
+
+- ``find_linears(model, targets)``: the linear-like modules (anything exposing ``in_features`` and
+  ``out_features``, so an ``nn.Linear`` or a quantized linear) whose dotted name ends in one of ``targets``;
+  an error lists the names that do exist when nothing matches.
+- ``replace_module(model, name, new)``: put ``new`` where the module called ``name`` was.
+- ``freeze_base(model)``: ``requires_grad = False`` on every parameter (methods then switch on their own).
+- ``trainable_state_dict`` / ``load_trainable`` / ``save_trainable`` / ``load_trainable_file``: the
+  method's own tensors, i.e. every parameter with ``requires_grad`` plus tensors that a module lists in
+  its ``frozen_adapter_tensors`` attribute (frozen but not part of the base model, e.g. LoRA-FA's random
+  A), saved with safetensors and loaded back exactly (missing, unexpected and mis-shaped keys are errors).
+
+Glossary: target = suffix of a dotted module name ("q_proj" matches "model.layers.0.self_attn.q_proj").
+Left out: regex targets and per-layer configs (peft's ``rank_pattern``); sharded checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for modules that map in_features to out_features along the last axis (nn.Linear, quantized linears)."""
+    return isinstance(getattr(module, "in_features", None), int) and isinstance(
+        getattr(module, "out_features", None), int)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of linear-like modules in ``model`` ("q_proj", "down_proj", ...)."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_linear_like(m)})
+
+
+def find_linears(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...] = ()) -> dict[str, nn.Module]:
+    """{dotted name: module} for linear-like modules whose name equals or ends with ``.target``.
+
+    Modules of a type in ``skip`` (e.g. an adapter already applied) and modules inside them are ignored.
+    Raises ValueError listing the available linear names when nothing matches.
+    """
+    targets = tuple(targets)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(f"target_modules={targets!r} must be a non-empty tuple of module-name suffixes, "
+                         "e.g. ('q_proj', 'v_proj')")
+    found: dict[str, nn.Module] = {}
+    inside_skipped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in inside_skipped):
+            continue
+        if skip and isinstance(module, skip):
+            inside_skipped.append(name)
+            continue
+        if name and is_linear_like(module) and any(name == t or name.endswith("." + t) for t in targets):
+            found[name] = module
+    if not found:
+        raise ValueError(f"target_modules={targets!r} match no linear layer of {type(model).__name__}; "
+                         f"its linear layers are named {linear_names(model)}")
+    return found
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Install ``new`` as the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def freeze_base(model: nn.Module) -> None:
+    """Switch off gradients for every parameter of ``model``."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: parameters with ``requires_grad`` plus each module's ``frozen_adapter_tensors``.
+
+    Keys are the names of ``model.named_parameters()`` / ``named_buffers()``; values are detached CPU copies.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            out[name] = p.detach().cpu().clone()
+    for prefix, module in model.named_modules():
+        for local in getattr(module, "frozen_adapter_tensors", ()):
+            full = f"{prefix}.{local}" if prefix else local
+            out.setdefault(full, module.get_parameter(local).detach().cpu().clone() if _is_param(module, local)
+                           else module.get_buffer(local).detach().cpu().clone())
+    return out
+
+
+def _is_param(module: nn.Module, local: str) -> bool:
+    try:
+        module.get_parameter(local)
+        return True
+    except AttributeError:
+        return False
+
+
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``state`` (from ``trainable_state_dict``) into ``model``; keys and shapes must match exactly."""
+    expected = trainable_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise KeyError(f"adapter state does not fit this model: missing {missing[:5]}, unexpected "
+                       f"{unexpected[:5]}; apply the same method with the same config before loading")
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in state.items():
+            target = tensors[name]
+            if target.shape != value.shape:
+                raise ValueError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
+                                 f"{tuple(target.shape)}; was it saved with another rank or config?")
+            target.copy_(value)
+
+
+def save_trainable(model: nn.Module, path: str | Path) -> int:
+    """Write ``trainable_state_dict(model)`` to a safetensors file; returns the number of bytes of tensors."""
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in trainable_state_dict(model).items()}
+    save_file(state, str(path))
+    return sum(v.numel() * v.element_size() for v in state.values())
+
+
+def load_trainable_file(model: nn.Module, path: str | Path) -> None:
+    """Load a safetensors file written by ``save_trainable`` into ``model`` (exact)."""
+    from safetensors.torch import load_file
+
+    load_trainable(model, load_file(str(path)))

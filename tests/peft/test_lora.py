@@ -1,0 +1,175 @@
+"""LoRA / LoRA-FA against Hugging Face peft on the same tiny LLaMA, plus merge, save/load and bad inputs."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from effref.eval import parameter_count
+from effref.models import load_model
+from effref.peft import (
+    LoraConfig,
+    LoraLinear,
+    apply_lora,
+    apply_lora_fa,
+    load_lora_state_dict,
+    load_trainable,
+    load_trainable_file,
+    lora_state_dict,
+    merge_lora,
+    save_trainable,
+    trainable_state_dict,
+    unmerge_lora,
+)
+
+peft = pytest.importorskip("peft")
+TARGETS = ("q_proj", "v_proj", "down_proj")
+
+
+def tiny():
+    return load_model("tiny-llama", seed=0).model
+
+
+def randomise_b(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoraLinear):
+                m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.1)
+
+
+def ids(seed=0, shape=(2, 12)):
+    return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lora_matches_peft_outputs_and_parameter_counts():
+    base = tiny()
+    ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+    randomise_b(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS),
+                                                                      lora_dropout=0.0))
+    n = 0
+    for name, module in theirs.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            mine = ours.get_submodule(name.removeprefix("base_model.model."))
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(mine.lora_A.weight)
+                module.lora_B["default"].weight.copy_(mine.lora_B.weight)
+            n += 1
+    assert n == 2 * 3  # 2 layers × 3 targets
+    x = ids()
+    torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours(x).logits, base(x).logits, atol=1e-4)  # the adapter does something
+    assert parameter_count(ours, trainable_only=True) == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_lora_is_identity_at_init_and_only_adapters_train():
+    base = tiny()
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4))
+    x = ids()
+    torch.testing.assert_close(model(x).logits, base(x).logits)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+
+
+def test_merge_then_unmerge_restores_base_weights_exactly_and_merge_preserves_outputs():
+    model = apply_lora(tiny(), LoraConfig(r=4, target_modules=TARGETS))
+    randomise_b(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = ids()
+    out = model(x).logits
+    merge_lora(model)
+    assert all(m.merged for m in model.modules() if isinstance(m, LoraLinear))
+    torch.testing.assert_close(model(x).logits, out, rtol=1e-5, atol=1e-5)
+    q = model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.base.weight, before["model.layers.0.self_attn.q_proj.base.weight"])
+    unmerge_lora(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_lora_fa_freezes_a_and_counts_match_peft_b_only():
+    model = apply_lora_fa(tiny(), LoraConfig(r=4, target_modules=TARGETS))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_B." in n for n in trainable)
+    # B of every target: sum over layers of out_features × r
+    expected = sum(m.out_features * 4 for m in model.modules() if isinstance(m, LoraLinear))
+    assert parameter_count(model, trainable_only=True) == expected
+    # A frozen but saved: the adapter state carries it
+    assert any(".lora_A." in k for k in trainable_state_dict(model))
+    # one SGD step moves B only
+    x = ids()
+    a_before = model.model.layers[0].self_attn.q_proj.lora_A.weight.clone()
+    model(x, labels=x).loss.backward()
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    assert torch.equal(model.model.layers[0].self_attn.q_proj.lora_A.weight, a_before)
+    assert model.model.layers[0].self_attn.q_proj.lora_B.weight.abs().sum() > 0
+
+
+def test_lora_save_load_is_exact(tmp_path):
+    cfg = LoraConfig(r=4, target_modules=TARGETS, freeze_a=True)
+    src = apply_lora(tiny(), cfg)
+    randomise_b(src)
+    save_trainable(src, tmp_path / "adapter.safetensors")
+    dst = apply_lora(load_model("tiny-llama", seed=0).model, cfg)  # same base, fresh adapter (other random A)
+    assert not torch.equal(dst(ids()).logits, src(ids()).logits)
+    load_trainable_file(dst, tmp_path / "adapter.safetensors")
+    assert torch.equal(dst(ids()).logits, src(ids()).logits)
+    dst2 = apply_lora(load_model("tiny-llama", seed=0).model, cfg)
+    load_lora_state_dict(dst2, lora_state_dict(src))
+    assert torch.equal(dst2(ids()).logits, src(ids()).logits)
+    with pytest.raises(KeyError, match="missing"):
+        load_trainable(dst, {})
+
+
+def test_lora_works_on_our_llama():
+    hf = tiny()
+    ours = load_model("tiny-llama", seed=0, impl="effref").model
+    apply_lora(hf, LoraConfig(r=2, target_modules=("q_proj", "v_proj")))
+    apply_lora(ours, LoraConfig(r=2, target_modules=("q_proj", "v_proj")))
+    randomise_b(hf)
+    sd = {k.replace("model.layers", "blocks").replace("self_attn", "attn"): v
+          for k, v in trainable_state_dict(hf).items()}
+    load_trainable(ours, sd)
+    x = ids()
+    torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+class QuantLike(nn.Module):
+    """A linear-like layer with no float weight (stands in for a quantized linear)."""
+
+    def __init__(self, k=8, d=8):
+        super().__init__()
+        self.in_features, self.out_features = k, d
+        self.register_buffer("codes", torch.randint(-8, 8, (d, k), dtype=torch.int8))
+
+    def forward(self, x):
+        return x @ self.codes.float().T
+
+
+def test_lora_wraps_a_quantized_like_layer_but_refuses_to_merge_it():
+    layer = LoraLinear(QuantLike(), r=2, alpha=4)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer(x), layer.base(x))
+    with pytest.raises(TypeError, match="dequantize"):
+        layer.merge()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"r": 0}, ValueError, "r=0 must be a positive"),
+    ({"r": -2}, ValueError, "r=-2 must be a positive"),
+    ({"r": 65}, ValueError, "r=65 exceeds min"),
+    ({"r": 4, "target_modules": ("qkv",)}, ValueError, "match no linear layer.*q_proj"),
+    ({"r": 4, "dropout": 1.5}, ValueError, "dropout=1.5"),
+])
+def test_apply_lora_rejects_bad_input(kwargs, error, match):
+    model = tiny()
+    with pytest.raises(error, match=match):
+        apply_lora(model, LoraConfig(**kwargs))
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())  # untouched
+
+
+def test_merging_a_model_without_lora_is_an_error():
+    with pytest.raises(ValueError, match="apply_lora"):
+        merge_lora(tiny())
