@@ -13,8 +13,9 @@ from transformers import LlamaForCausalLM
 from effref.models.llama import KVCache, Llama, LlamaConfig
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-5, "max_position_embeddings": 96,
-        "bos_token_id": 1, "eos_token_id": 2, "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}
+        "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 96, "bos_token_id": 1, "eos_token_id": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 5000.0}}  # theta and eps are non-default
 
 
 def hf_tiny(seed: int = 0, **overrides) -> LlamaForCausalLM:
@@ -140,7 +141,10 @@ def test_generate_stops_at_eos_and_pads_finished_rows() -> None:
 def test_sampling_is_seeded_and_top_k_1_is_greedy() -> None:
     model = Llama.from_hf(hf_tiny())
     prompt = ids(2, 5)
-    draw = lambda seed, **kw: model.generate(prompt, 12, generator=torch.Generator().manual_seed(seed), **kw)
+
+    def draw(seed: int, **kw) -> torch.Tensor:
+        return model.generate(prompt, 12, generator=torch.Generator().manual_seed(seed), **kw)
+
     assert torch.equal(draw(7, temperature=1.0), draw(7, temperature=1.0))
     assert not torch.equal(draw(7, temperature=5.0), draw(8, temperature=5.0))
     assert torch.equal(draw(7, temperature=1.0, top_k=1), model.generate(prompt, 12))
@@ -214,12 +218,13 @@ def test_bad_inputs_raise_with_the_fix(case: str, match: str) -> None:
 ])
 def test_bad_config_raises(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        LlamaConfig(**{"vocab_size": 16, "d_model": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 4, "d_ff": 32,
-                       **kwargs})
+        LlamaConfig(**{"vocab_size": 16, "d_model": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 4,
+                       "d_ff": 32, **kwargs})
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, r"'linear' is not supported"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
+     r"'linear' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, r"'llama3'"),
     ({"attention_bias": True}, r"attention_bias=True is not supported"),
@@ -230,12 +235,12 @@ def test_unsupported_hf_configs_raise(overrides: dict, match: str) -> None:
         LlamaConfig.from_hf(HFLlamaConfig(**{**TINY, **overrides}))
 
 
-# --- the real model -------------------------------------------------------------------------------------------
+# --- the real model -----------------------------------------------------------------------------------------
 
-TEXT = ("Mrs. Bennet's cousin arrived at Netherfield on a wet Tuesday, bringing with him a great deal of luggage, "
-        "a very small opinion of the country, and a firm resolution to be pleased with nobody. Within a week he "
-        "had found fault with the soup, the sermon and the weather, and had somehow contrived to fall in love "
-        "with the one young lady in the parish who could not endure him.")
+TEXT = ("Mrs. Harcourt's cousin arrived at Allingham on a wet Tuesday, bringing with him a great deal of "
+        "luggage, a very small opinion of the country, and a firm resolution to be pleased with nobody. "
+        "Within a week he had found fault with the soup, the sermon and the weather, and had somehow "
+        "contrived to fall in love with the one young lady in the parish who could not endure him.")
 
 
 def smollm2_folder() -> Path | None:
@@ -250,7 +255,8 @@ def smollm2_folder() -> Path | None:
 @pytest.mark.slow
 @pytest.mark.skipif(smollm2_folder() is None,
                     reason="SmolLM2-135M weights not found in $EFFREF_CACHE/models/smollm2-135m or "
-                           "~/.cache/effref/models/smollm2-135m (fetch them with `python -m effref.assets fetch`)")
+                           "~/.cache/effref/models/smollm2-135m "
+                           "(fetch them with `python -m effref.assets fetch`)")
 def test_smollm2_logits_match_transformers() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

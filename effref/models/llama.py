@@ -10,7 +10,8 @@ Implements: a pre-norm decoder  h = x + Attn(RMSNorm(x)),  out = h + MLP(RMSNorm
   attention softmax(q kᵀ / sqrt(d_head) + causal mask) v with n_kv_heads ≤ n_heads (each group of
   n_heads / n_kv_heads query heads shares one key/value head),
   SwiGLU MLP  down(silu(gate(x)) ⊙ up(x)),
-an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers' LlamaForCausalLM.
+an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers'
+LlamaForCausalLM.
 Glossary: B batch · T new tokens in this call · S keys attended to (cached + new) · d_model hidden size
           · n_heads / n_kv_heads query / key-value heads · d_head = d_model / n_heads · d_ff MLP width
           · θ rope_theta · ε norm_eps · offset = cache.length, the position of the first new token.
@@ -67,8 +68,9 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config: transformers.LlamaConfig) -> LlamaConfig:
-        """Read a transformers ``LlamaConfig`` (v4: ``rope_theta`` attribute; v5: ``rope_parameters`` dict)."""
-        rope = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+        """Read a transformers ``LlamaConfig`` (v4: a ``rope_theta`` attribute; v5: ``rope_parameters``)."""
+        rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
+        rope = dict(rope or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; only the default RoPE is "
@@ -81,8 +83,8 @@ class LlamaConfig:
         d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
         if head_dim * n_heads != d_model:
-            raise ValueError(f"hf_config.head_dim={head_dim} differs from hidden_size / num_attention_heads = "
-                             f"{d_model} / {n_heads}; decoupled head sizes are not supported")
+            raise ValueError(f"hf_config.head_dim={head_dim} differs from hidden_size / num_attention_heads "
+                             f"= {d_model} / {n_heads}; decoupled head sizes are not supported")
         eos = hf_config.eos_token_id
         return cls(vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
                    n_heads=n_heads, n_kv_heads=hf_config.num_key_value_heads or n_heads,
@@ -90,7 +92,7 @@ class LlamaConfig:
                    rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
                    norm_eps=hf_config.rms_norm_eps, max_seq_len=hf_config.max_position_embeddings,
                    tie_embeddings=bool(hf_config.tie_word_embeddings), bos_id=hf_config.bos_token_id,
-                   eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)  # several EOS ids: keep the first
+                   eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)  # several EOS ids: the first
 
 
 class KVCache:
@@ -125,7 +127,7 @@ class KVCache:
         self.length += n
 
     def truncate(self, length: int) -> None:
-        """Forget every token from position ``length`` on (speculative decoding rolls back rejected drafts)."""
+        """Forget every token from position ``length`` on (speculative decoding drops rejected drafts)."""
         if not 0 <= length <= self.length:
             raise ValueError(f"length={length} must lie in [0, {self.length}] (the tokens currently cached)")
         self.length = length
@@ -168,7 +170,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig, layer: int):
         super().__init__()
-        self.layer, self.n_heads, self.n_kv_heads, self.d_head = layer, cfg.n_heads, cfg.n_kv_heads, cfg.d_head
+        self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
+        self.d_head = cfg.d_head
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
@@ -203,7 +206,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU, (B, T, d_ff) inside, (B, T, d_model) out
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU, (B, T, d_ff) inside; (B, T, d_model)
 
 
 class Block(nn.Module):
@@ -220,7 +223,8 @@ class Block(nn.Module):
 
 # transformers' parameter names, one dotted component at a time -> ours (q/k/v/o_proj and lm_head agree).
 _HF_NAMES = {"embed_tokens": "embed", "layers": "blocks", "self_attn": "attn", "input_layernorm": "attn_norm",
-             "post_attention_layernorm": "mlp_norm", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+             "post_attention_layernorm": "mlp_norm", "gate_proj": "gate", "up_proj": "up",
+             "down_proj": "down"}
 
 
 class Llama(nn.Module):
@@ -326,7 +330,8 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 top_k: int | None = None, eos_id: int | None = None,
+                 generator: torch.Generator | None = None,
                  stream: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """The prompt followed by up to ``max_new_tokens`` tokens, (B, T + new); see ``generate_stream``.
 
@@ -344,7 +349,8 @@ class Llama(nn.Module):
         """Our model with the weights (and dtype, device) of a transformers ``LlamaForCausalLM``."""
         if getattr(getattr(hf_model, "config", None), "model_type", None) != "llama" or not hasattr(
                 hf_model, "lm_head"):
-            raise ValueError(f"hf_model must be a transformers LlamaForCausalLM, got {type(hf_model).__name__}")
+            raise ValueError(f"hf_model must be a transformers LlamaForCausalLM, "
+                             f"got {type(hf_model).__name__}")
         cfg = LlamaConfig.from_hf(hf_model.config)
         weight = hf_model.get_input_embeddings().weight
         model = cls(cfg).to(device=weight.device, dtype=weight.dtype)
