@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
-from effref.models.llama import KVCache, Llama, LlamaConfig
+from effref.models.llama import Attention, KVCache, Llama, LlamaConfig, apply_rope, rope_tables
 
 TINY = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "rms_norm_eps": 1e-5,
@@ -269,3 +269,28 @@ def test_smollm2_logits_match_transformers() -> None:
         diff = (ours(x) - hf(x).logits).abs().max().item()
     print(f"SmolLM2-135M max |logit difference| over 64 tokens: {diff:.3g}")
     assert diff < 1e-3
+
+
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4], ids=["MQA", "GQA", "MHA"])
+def test_attention_heads_share_keys_and_values_as_written_per_head(n_kv_heads):
+    """Attention, head by head from the definition: query head i reads key/value head i // (n_heads / n_kv)."""
+    cfg = LlamaConfig(vocab_size=16, d_model=32, n_heads=4, n_kv_heads=n_kv_heads, n_layers=1, d_ff=8,
+                      max_seq_len=16)
+    torch.manual_seed(0)
+    attn = Attention(cfg, layer=0)
+    x = torch.randn(2, 5, cfg.d_model)  # (B, T, d_model)
+    cos, sin = rope_tables(cfg.d_head, 5, cfg.rope_theta)
+    q = apply_rope(attn.q_proj(x).view(2, 5, 4, cfg.d_head).transpose(1, 2), cos, sin)  # (B, 4, T, d_head)
+    k = apply_rope(attn.k_proj(x).view(2, 5, n_kv_heads, cfg.d_head).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(2, 5, n_kv_heads, cfg.d_head).transpose(1, 2)
+    causal = torch.ones(5, 5).tril().bool()
+    heads = []
+    for i in range(4):
+        j = i // (4 // n_kv_heads)
+        scores = q[:, i] @ k[:, j].transpose(-1, -2) / cfg.d_head**0.5  # (B, T, T)
+        heads.append(scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v[:, j])  # (B, T, d_head)
+    expected = attn.o_proj(torch.cat(heads, dim=-1))  # (B, T, d_model)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
+    cache = KVCache(1, batch_size=2, n_kv_heads=n_kv_heads, d_head=cfg.d_head, max_len=5)
+    assert cache.k[0].numel() == 2 * n_kv_heads * 5 * cfg.d_head  # the cache shrinks with the kv heads
