@@ -1,0 +1,260 @@
+"""The fine-tuning bench: one small downstream task and one training loop shared by every fine-tuning chapter.
+
+Task — "which Austen novel is this passage from?" (six classes). For each novel the text (whitespace
+collapsed, the first 2 % skipped so title pages never appear) is cut by characters into a training part
+(the first 80 %) and a test part (the rest), so train and test passages never overlap. Passages start at
+seeded random character offsets (snapped to a word start) and keep their first ``passage_tokens`` tokens.
+Each example is  ``passage + "\\nNovel:"``  and its label is the next token: the first token of the novel's
+short title (" Emma", " Persuasion", " Pride", " Sense", " Mansfield", " Northanger" — six different
+tokens for the SmolLM2 tokenizer). The classifier is the language model itself: the predicted class is the
+verbaliser with the highest log-likelihood at the last position, so accuracy is measured with no new head
+(chance = 1/6) and training is plain next-token cross-entropy on the label token.
+
+Training loop — ``train(model, task, steps, lr, batch_size, optimizer)`` runs ``steps`` optimiser steps on
+batches drawn (seeded) from the training passages, over the parameters that have ``requires_grad``. It
+reports the losses, tokens per second, the peak memory of the first step (``effref.eval.track_memory``:
+on CPU the tensors created during forward, backward and the optimizer's first step — activations,
+gradients and optimizer state — on top of the model's own bytes), wall time and the trainable parameters.
+Hooks let a method act each step: ``before_step`` (DyLoRA samples a rank), ``regulariser`` (a loss term,
+AdaLoRA's orthogonality penalty), ``after_update`` (AdaLoRA's budget reallocation).
+
+Glossary: C classes · T = passage_tokens + suffix tokens · B batch size · verbaliser = label token of a class.
+Left out: multi-token verbalisers (only the first token of a title is scored), padding (every example
+has the same length), learning-rate schedules, gradient accumulation, mixed precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from effref.eval import MemoryReport, _is_hf, _model_device, model_size_bytes, parameter_count, track_memory
+from effref.runtime import progress_bar
+
+# file stem of the janeaustenr asset -> (title, verbaliser)
+NOVELS = {
+    "emma": ("Emma", " Emma"),
+    "persuasion": ("Persuasion", " Persuasion"),
+    "prideprejudice": ("Pride and Prejudice", " Pride"),
+    "sensesensibility": ("Sense and Sensibility", " Sense"),
+    "mansfieldpark": ("Mansfield Park", " Mansfield"),
+    "northangerabbey": ("Northanger Abbey", " Northanger"),
+}
+
+
+@dataclass
+class NovelTask:
+    """Tokenised passages with their class labels; every example has the same length T."""
+
+    classes: tuple[str, ...]  # titles, in label order
+    label_ids: torch.Tensor  # (C,) the verbaliser token of each class
+    train_ids: torch.Tensor  # (n_train, T)
+    train_labels: torch.Tensor  # (n_train,) in 0..C-1
+    test_ids: torch.Tensor  # (n_test, T)
+    test_labels: torch.Tensor  # (n_test,)
+    passage_tokens: int
+    suffix: str
+
+    def describe(self) -> str:
+        return (f"{len(self.classes)}-way novel classification: {len(self.train_ids)} train / "
+                f"{len(self.test_ids)} test passages of {self.passage_tokens} tokens + {self.suffix!r} "
+                f"(T = {self.train_ids.shape[1]}); train from the first 80% of each novel, test from the rest")
+
+
+def _austen_texts() -> dict[str, str]:
+    from effref.assets import require
+
+    folder = require("austen")
+    return {stem: (folder / f"{stem}.txt").read_text(encoding="utf-8") for stem in NOVELS}
+
+
+def _passages(tokenizer, text: str, n: int, length: int, generator: torch.Generator) -> list[list[int]]:
+    """``n`` passages of ``length`` tokens from ``text`` at seeded word-aligned character offsets."""
+    span = 12 * length  # characters: comfortably more than ``length`` tokens of English prose
+    if len(text) < span + 1:
+        raise ValueError(f"a text of {len(text)} characters is too short for {length}-token passages")
+    out = []
+    for start in torch.randint(0, len(text) - span, (n,), generator=generator).tolist():
+        start = text.find(" ", start) + 1  # snap to the next word start
+        ids = tokenizer(text[start:start + span], add_special_tokens=False)["input_ids"]
+        if len(ids) < length:
+            raise ValueError(f"only {len(ids)} tokens in {span} characters; use a shorter passage_tokens")
+        out.append(ids[:length])
+    return out
+
+
+def novel_task(tokenizer, passage_tokens: int = 48, train_per_class: int = 32, test_per_class: int = 16,
+               seed: int = 0, suffix: str = "\nNovel:", texts: dict[str, str] | None = None,
+               verbalisers: dict[str, str] | None = None) -> NovelTask:
+    """Build the novel-classification task (see the module docstring); deterministic for a given seed.
+
+    ``texts`` ({name: text}) and ``verbalisers`` ({name: string}) replace the Austen novels and their short
+    titles (tests use them with tiny models); each verbaliser's first token must differ from the others'.
+    """
+    if passage_tokens < 4 or train_per_class < 1 or test_per_class < 1:
+        raise ValueError(f"passage_tokens={passage_tokens}, train_per_class={train_per_class}, test_per_class="
+                         f"{test_per_class}: need passage_tokens >= 4 and at least 1 passage per class")
+    texts = _austen_texts() if texts is None else texts
+    verbalisers = verbalisers or {name: NOVELS[name][1] for name in texts}
+    if set(verbalisers) != set(texts):
+        raise ValueError(f"verbalisers {sorted(verbalisers)} must name the same classes as texts {sorted(texts)}")
+    names = sorted(texts)
+    label_ids = [tokenizer(verbalisers[n], add_special_tokens=False)["input_ids"][0] for n in names]
+    if len(set(label_ids)) != len(label_ids):
+        raise ValueError(f"verbalisers {[verbalisers[n] for n in names]} share a first token ({label_ids}); "
+                         "choose strings whose first tokens differ")
+    suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    generator = torch.Generator().manual_seed(seed)
+    splits = {"train": ([], []), "test": ([], [])}
+    for label, name in enumerate(names):
+        text = " ".join(texts[name].split())  # collapse line breaks and runs of spaces
+        text = text[len(text) // 50:]  # skip the title page
+        cut = int(0.8 * len(text))
+        for split, part, n in (("train", text[:cut], train_per_class), ("test", text[cut:], test_per_class)):
+            for ids in _passages(tokenizer, part, n, passage_tokens, generator):
+                splits[split][0].append(ids + suffix_ids)
+                splits[split][1].append(label)
+    tensors = {}
+    for split, (seqs, labels) in splits.items():
+        order = torch.randperm(len(seqs), generator=generator)  # mix the classes
+        tensors[split] = (torch.tensor(seqs)[order], torch.tensor(labels)[order])
+    titles = tuple(NOVELS[n][0] if n in NOVELS else n for n in names)
+    return NovelTask(titles, torch.tensor(label_ids), *tensors["train"], *tensors["test"], passage_tokens, suffix)
+
+
+def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token logits after the last position, (B, V), computing the LM head only there when possible."""
+    if _is_hf(model) or getattr(model, "supports_logits_to_keep", False):
+        out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
+    else:
+        out = model(ids)
+    logits = out if isinstance(out, torch.Tensor) else out.logits  # (B, T or 1, V)
+    return logits[:, -1]  # (B, V)
+
+
+def task_loss(model: nn.Module, task: NovelTask, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the label token over the whole vocabulary (plain next-token loss)."""
+    logits = last_logits(model, ids).float()  # (B, V)
+    return F.cross_entropy(logits, task.label_ids.to(logits.device)[labels.to(logits.device)])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: NovelTask, batch_size: int = 16, split: str = "test") -> float:
+    """Accuracy: the class whose verbaliser token has the highest logit at the last position."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split={split!r} must be 'train' or 'test'")
+    ids, labels = (task.test_ids, task.test_labels) if split == "test" else (task.train_ids, task.train_labels)
+    device, was_training = _model_device(model), model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(ids), batch_size):
+            logits = last_logits(model, ids[i:i + batch_size].to(device))  # (b, V)
+            pred = logits[:, task.label_ids.to(device)].argmax(-1).cpu()  # (b,) in 0..C-1
+            correct += int((pred == labels[i:i + batch_size]).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(ids)
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]
+    tokens_per_s: float  # training tokens (B·T per step) per second, steps after the first
+    peak_memory: MemoryReport  # of the first step, model bytes included
+    wall_s: float
+    trainable_params: int
+    steps: int
+    batch_size: int
+    notes: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (f"{self.steps} steps × batch {self.batch_size}: loss {self.losses[0]:.3f} → {self.losses[-1]:.3f}, "
+                f"{self.tokens_per_s:,.0f} tok/s, peak {self.peak_memory.peak_bytes / 2**20:,.0f} MiB, "
+                f"{self.trainable_params:,} trainable parameters, {self.wall_s:.1f} s")
+
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
+def _make_optimizer(optimizer: str | OptimizerFactory, params: list[nn.Parameter], lr: float,
+                    weight_decay: float) -> torch.optim.Optimizer:
+    if callable(optimizer):
+        return optimizer(params)
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={optimizer!r} is not known; use 'adamw', 'sgd' or a callable(params) -> Optimizer")
+
+
+def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: int = 8,
+          optimizer: str | OptimizerFactory = "adamw", weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
+          seed: int = 0, regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+          before_step: Callable[[int], None] | None = None, after_update: Callable[[int], None] | None = None,
+          progress: bool = True, desc: str = "train") -> TrainResult:
+    """Fine-tune the parameters of ``model`` that require grad for ``steps`` steps (see module docstring)."""
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}: need steps >= 1, batch_size >= 1, lr > 0")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no parameter with requires_grad=True; apply a PEFT method or unfreeze layers")
+    device = _model_device(model)
+    opt = _make_optimizer(optimizer, params, lr, weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    n, T = task.train_ids.shape
+    epochs = -(-steps * batch_size // n)  # ceil: each epoch visits every training passage once, reshuffled
+    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])  # (epochs·n,)
+    losses: list[float] = []
+    timed_s, timed_steps = 0.0, 0
+    memory = None
+    was_training = model.training
+    model.train()
+    start_wall = time.perf_counter()
+    try:
+        for step in progress_bar(range(steps), desc=desc, unit="step", disable=not progress):
+            batch = order[step * batch_size:(step + 1) * batch_size]  # (B,)
+            ids, labels = task.train_ids[batch].to(device), task.train_labels[batch]
+            tick = time.perf_counter()
+            if step == 0:  # measure memory on the first step, which also creates the optimizer state
+                with track_memory(device, baseline_bytes=model_size_bytes(model)) as memory:
+                    loss = _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser,
+                                 before_step, after_update)
+            else:
+                loss = _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser,
+                             before_step, after_update)
+                timed_s, timed_steps = timed_s + time.perf_counter() - tick, timed_steps + 1
+            if step == 0 and steps == 1:
+                timed_s, timed_steps = time.perf_counter() - tick, 1
+            losses.append(loss)
+    finally:
+        model.train(was_training)
+    return TrainResult(losses=losses, tokens_per_s=timed_steps * batch_size * T / max(timed_s, 1e-9),
+                       peak_memory=memory, wall_s=time.perf_counter() - start_wall,
+                       trainable_params=parameter_count(model, trainable_only=True), steps=steps,
+                       batch_size=batch_size)
+
+
+def _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser, before_step,
+          after_update) -> float:
+    if before_step is not None:
+        before_step(step)
+    loss = task_loss(model, task, ids, labels)
+    total = loss + regulariser(model) if regulariser is not None else loss
+    total.backward()
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    opt.step()
+    if after_update is not None:
+        after_update(step)
+    opt.zero_grad(set_to_none=True)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"loss became {value} at step {step}; lower the learning rate")
+    return value

@@ -1,0 +1,99 @@
+"""The fine-tuning bench on a tiny random LLaMA with a byte tokenizer and six synthetic 'novels'."""
+
+import copy
+import random
+
+import pytest
+import torch
+
+from effref.finetune import evaluate, novel_task, train
+from effref.models import load_model
+
+
+def byte_tokenizer(text, add_special_tokens=False):
+    return {"input_ids": list(text.encode("utf-8"))}
+
+
+LETTERS = ["abc", "def", "ghi", "jkl", "mno", "pqr"]
+VERBALISERS = {f"n{i}": chr(ord("A") + i) for i in range(6)}
+
+
+def synthetic_texts():
+    rng = random.Random(0)
+    return {f"n{i}": " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(3000))
+            for i, letters in enumerate(LETTERS)}
+
+
+def small_task(**kw):
+    args = {"passage_tokens": 24, "train_per_class": 16, "test_per_class": 8, "texts": synthetic_texts(),
+                "verbalisers": VERBALISERS, "suffix": "\n:"}
+    return novel_task(byte_tokenizer, **(args | kw))
+
+
+def test_task_is_deterministic_balanced_and_train_test_disjoint():
+    a, b = small_task(), small_task()
+    assert torch.equal(a.train_ids, b.train_ids) and torch.equal(a.test_labels, b.test_labels)
+    assert not torch.equal(a.train_ids, small_task(seed=1).train_ids)
+    assert a.train_ids.shape == (96, 24 + 2) and a.test_ids.shape == (48, 26)
+    assert torch.bincount(a.train_labels).tolist() == [16] * 6
+    assert {tuple(r) for r in a.train_ids.tolist()}.isdisjoint({tuple(r) for r in a.test_ids.tolist()})
+    assert a.label_ids.tolist() == [ord(c) for c in "ABCDEF"]
+
+
+def test_evaluate_equals_brute_force_argmax_over_verbalisers():
+    model = load_model("tiny-llama", seed=0).model
+    task = small_task()
+    logits = model(task.test_ids).logits[:, -1][:, task.label_ids]  # full forward, then pick the six tokens
+    expected = (logits.argmax(-1) == task.test_labels).float().mean().item()
+    assert evaluate(model, task, batch_size=5) == pytest.approx(expected)
+
+
+def test_training_learns_the_task_and_reports_its_costs():
+    torch.manual_seed(0)
+    model = load_model("tiny-llama", seed=0).model
+    task = small_task()
+    before = evaluate(model, task)
+    result = train(model, task, steps=40, lr=3e-3, batch_size=16, progress=False)
+    after = evaluate(model, task)
+    assert after >= 0.8 > before + 0.3, (before, after)
+    assert sum(result.losses[-5:]) < sum(result.losses[:5])
+    assert result.trainable_params == sum(p.numel() for p in model.parameters())
+    assert result.peak_memory.peak_bytes > 3 * 4 * result.trainable_params  # weights + grads + Adam's 2 states
+    assert result.tokens_per_s > 0 and len(result.losses) == 40
+
+
+def test_train_uses_only_parameters_that_require_grad():
+    model = load_model("tiny-llama", seed=0).model
+    frozen = copy.deepcopy(model.model.layers[0].state_dict())
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    train(model, small_task(), steps=2, lr=1e-2, batch_size=4, progress=False)
+    for k, v in model.model.layers[0].state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"verbalisers": {f"n{i}": "Z" + str(i) for i in range(6)}}, "share a first token"),
+    ({"verbalisers": {"n0": "A"}}, "same classes"),
+    ({"passage_tokens": 2}, "passage_tokens=2"),
+    ({"passage_tokens": 100000}, "too short"),
+])
+def test_novel_task_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_task(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, "steps=0"),
+    ({"optimizer": "lion"}, "optimizer='lion'"),
+])
+def test_train_rejects_bad_input(kwargs, match):
+    model = load_model("tiny-llama", seed=0).model
+    with pytest.raises(ValueError, match=match):
+        train(model, small_task(), **({"steps": 1, "lr": 1e-3} | kwargs), progress=False)
+
+
+def test_train_refuses_a_fully_frozen_model():
+    model = load_model("tiny-llama", seed=0).model.requires_grad_(False)
+    with pytest.raises(ValueError, match="requires_grad"):
+        train(model, small_task(), steps=1, lr=1e-3, progress=False)
