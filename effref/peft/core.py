@@ -43,6 +43,12 @@ def find_linears(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
     Modules of a type in ``skip`` (e.g. an adapter already applied) and modules inside them are ignored.
     Raises ValueError listing the available linear names when nothing matches.
     """
+    return find_modules(model, targets, skip, linear_only=True)
+
+
+def find_modules(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...] = (),
+                 linear_only: bool = False) -> dict[str, nn.Module]:
+    """Like ``find_linears`` but for any module ("mlp", "self_attn") unless ``linear_only``."""
     targets = tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules={targets!r} must be a non-empty tuple of module-name suffixes, "
@@ -55,12 +61,90 @@ def find_linears(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
         if skip and isinstance(module, skip):
             inside_skipped.append(name)
             continue
-        if name and is_linear_like(module) and any(name == t or name.endswith("." + t) for t in targets):
+        kind_ok = is_linear_like(module) or not linear_only
+        if name and kind_ok and any(name == t or name.endswith("." + t) for t in targets):
             found[name] = module
     if not found:
-        raise ValueError(f"target_modules={targets!r} match no linear layer of {type(model).__name__}; "
+        what = "linear layer" if linear_only else "module"
+        raise ValueError(f"target_modules={targets!r} match no {what} of {type(model).__name__}; "
                          f"its linear layers are named {linear_names(model)}")
     return found
+
+
+def io_features(module: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of a linear-like module, or of a block of linears (first in, last out)."""
+    if is_linear_like(module):
+        return module.in_features, module.out_features
+    linears = [m for m in module.modules() if is_linear_like(m)]
+    if not linears:
+        raise ValueError(f"cannot tell the width of {type(module).__name__}: it holds no linear layer; "
+                         "target a linear layer or a block such as 'mlp'")
+    return linears[0].in_features, linears[-1].out_features
+
+
+class MergeableAdapter(nn.Module):
+    """Base for adapters around a linear ``self.base`` whose effect folds into the weight: W -> f(W).
+
+    Subclasses implement ``merged_weight(weight)``. ``merge()`` keeps the original weight, so ``unmerge()``
+    restores it bit for bit ((W + Δ) − Δ is not W in floating point). A base without a floating-point
+    ``weight`` (a quantized layer) cannot be merged: the error says so.
+    """
+
+    merged: bool = False
+    _premerge_weight: torch.Tensor | None = None
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _float_weight(self) -> torch.Tensor | None:
+        w = getattr(self.base, "weight", None)
+        return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (then forward skips the adapter)."""
+        weight = self._float_weight()
+        if weight is None:
+            raise TypeError(f"cannot merge {type(self).__name__} into {type(self.base).__name__}: it has no "
+                            "floating-point `weight`; dequantize the base layer first (replace it by an "
+                            "nn.Linear with the dequantized weight) or keep the adapter unmerged")
+        if self.merged:
+            return
+        with torch.no_grad():
+            self._premerge_weight = weight.detach().clone()
+            weight.copy_(self.merged_weight(weight.detach()).to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Restore the exact pre-merge base weight."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            self._float_weight().copy_(self._premerge_weight)
+        self._premerge_weight, self.merged = None, False
+
+
+def adapters_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
+    """{name: module} of adapter type ``kind`` in ``model``; ValueError naming the fix if there is none."""
+    found = {name: m for name, m in model.named_modules() if isinstance(m, kind)}
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no {kind.__name__} layers; apply the method first "
+                         f"(e.g. apply_lora(model, LoraConfig())) — or it cannot be merged: only adapters that "
+                         "fold into a weight (LoRA and its variants, (IA)³) support merge/unmerge")
+    return found
+
+
+def merge_adapters(model: nn.Module, kind: type = MergeableAdapter) -> nn.Module:
+    """Merge every adapter of type ``kind`` (default: every mergeable one) into its base weight."""
+    for layer in adapters_of(model, kind).values():
+        layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module, kind: type = MergeableAdapter) -> nn.Module:
+    """Undo ``merge_adapters`` exactly."""
+    for layer in adapters_of(model, kind).values():
+        layer.unmerge()
+    return model
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -23,13 +23,17 @@ import torch
 from torch import nn
 
 from effref.peft.core import (  # noqa: F401
+    MergeableAdapter,
+    adapters_of,
     find_linears,
     freeze_base,
     load_trainable,
     load_trainable_file,
+    merge_adapters,
     replace_module,
     save_trainable,
     trainable_state_dict,
+    unmerge_adapters,
 )
 from effref.runtime import progress_bar
 
@@ -52,11 +56,6 @@ class LoraConfig:
         self.target_modules = tuple(self.target_modules)
 
 
-def _float_weight(base: nn.Module) -> torch.Tensor | None:
-    w = getattr(base, "weight", None)
-    return w if isinstance(w, torch.Tensor) and w.is_floating_point() else None
-
-
 def _reference_tensor(base: nn.Module) -> torch.Tensor | None:
     """A tensor of the base that tells the adapter's device (and dtype, when floating)."""
     for t in list(base.parameters()) + list(base.buffers()):
@@ -64,7 +63,7 @@ def _reference_tensor(base: nn.Module) -> torch.Tensor | None:
     return None
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(MergeableAdapter):
     """``base(x) + (alpha / r) · B(A(dropout(x)))`` around any linear-like ``base``."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, freeze_a: bool = False):
@@ -87,8 +86,6 @@ class LoraLinear(nn.Module):
         self.lora_A.weight.requires_grad_(not freeze_a)
         # A frozen A is still part of the adapter: save/load must carry it (see core.trainable_state_dict).
         self.frozen_adapter_tensors = ("lora_A.weight",) if freeze_a else ()
-        self.merged = False
-        self._premerge_weight: torch.Tensor | None = None
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = (α/r)·B A, shape (out_features, in_features)."""
@@ -102,27 +99,8 @@ class LoraLinear(nn.Module):
         update = self.lora_B(self.lora_A(self.dropout(x.to(a.dtype))))  # (..., k) -> (..., r) -> (..., d)
         return out + (self.scaling * update).to(out.dtype)  # Eq. 3
 
-    def merge(self) -> None:
-        """Fold ΔW into the base weight (inference without the extra matmuls); keeps W₀ for ``unmerge``."""
-        weight = _float_weight(self.base)
-        if weight is None:
-            raise TypeError(f"cannot merge LoRA into {type(self.base).__name__}: it has no floating-point "
-                            "`weight`; dequantize the base layer first (replace it by an nn.Linear with the "
-                            "dequantized weight) or keep the adapter unmerged")
-        if self.merged:
-            return
-        with torch.no_grad():
-            self._premerge_weight = weight.detach().clone()
-            weight += self.delta_weight().to(weight.dtype)
-        self.merged = True
-
-    def unmerge(self) -> None:
-        """Restore the exact pre-merge base weight."""
-        if not self.merged:
-            return
-        with torch.no_grad():
-            _float_weight(self.base).copy_(self._premerge_weight)
-        self._premerge_weight, self.merged = None, False
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight().to(weight.dtype)  # W = W₀ + (α/r)·BA
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, freeze_a={self.freeze_a}, merged={self.merged}"
@@ -153,24 +131,17 @@ def apply_lora_fa(model: nn.Module, cfg: LoraConfig) -> nn.Module:
 
 def lora_layers(model: nn.Module) -> dict[str, LoraLinear]:
     """{name: LoraLinear} in ``model``; ValueError if there is none."""
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLinear)}
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no LoRA layers; call apply_lora(model, LoraConfig()) first")
-    return layers
+    return adapters_of(model, LoraLinear)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Merge every LoRA layer into its base weight (see ``LoraLinear.merge``)."""
-    for layer in lora_layers(model).values():
-        layer.merge()
-    return model
+    """Merge every LoRA layer into its base weight (exact ``unmerge_lora`` afterwards)."""
+    return merge_adapters(model, LoraLinear)
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Undo ``merge_lora`` exactly."""
-    for layer in lora_layers(model).values():
-        layer.unmerge()
-    return model
+    return unmerge_adapters(model, LoraLinear)
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
