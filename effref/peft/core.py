@@ -85,16 +85,19 @@ def io_features(module: nn.Module) -> tuple[int, int]:
 class MergeableAdapter(nn.Module):
     """Base for adapters around a linear ``self.base`` whose effect folds into the weight: W -> f(W).
 
-    Subclasses implement ``merged_weight(weight)``. ``merge()`` keeps the original weight, so ``unmerge()``
-    restores it bit for bit ((W + Δ) − Δ is not W in floating point). A base without a floating-point
+    Subclasses implement ``merged_weight(weight)`` (and ``merged_bias``). ``merge()`` keeps the original
+    weight and bias, so ``unmerge()`` restores them bit for bit ((W + Δ) − Δ is not W in floating point). A base without a floating-point
     ``weight`` (a quantized layer) cannot be merged: the error says so.
     """
 
     merged: bool = False
-    _premerge_weight: torch.Tensor | None = None
+    _premerge: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias  # most adapters leave the bias alone; (IA)³ on an output rescales it
 
     def _float_weight(self) -> torch.Tensor | None:
         w = getattr(self.base, "weight", None)
@@ -109,9 +112,12 @@ class MergeableAdapter(nn.Module):
                             "nn.Linear with the dequantized weight) or keep the adapter unmerged")
         if self.merged:
             return
+        bias = getattr(self.base, "bias", None)
         with torch.no_grad():
-            self._premerge_weight = weight.detach().clone()
+            self._premerge = (weight.detach().clone(), None if bias is None else bias.detach().clone())
             weight.copy_(self.merged_weight(weight.detach()).to(weight.dtype))
+            if bias is not None:
+                bias.copy_(self.merged_bias(bias.detach()).to(bias.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -119,8 +125,10 @@ class MergeableAdapter(nn.Module):
         if not self.merged:
             return
         with torch.no_grad():
-            self._float_weight().copy_(self._premerge_weight)
-        self._premerge_weight, self.merged = None, False
+            self._float_weight().copy_(self._premerge[0])
+            if self._premerge[1] is not None:
+                self.base.bias.copy_(self._premerge[1])
+        self._premerge, self.merged = None, False
 
 
 def adapters_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
