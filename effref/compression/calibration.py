@@ -1,0 +1,290 @@
+"""The calibration walk every one-shot compression method shares: each linear's inputs, block by block.
+
+Papers: the sequential layer-wise scheme of OBC/GPTQ (Frantar et al., 2022–2023, arXiv:2208.11580,
+arXiv:2210.17323) that SparseGPT (arXiv:2301.00774, §3) and Wanda (arXiv:2306.11695, §3) use for pruning
+and GPTQ/AWQ for quantization; the damped inverse-Hessian Cholesky factor of GPTQ §3 ("Step 3").
+Implements, for a model whose decoder blocks sit in an ``nn.ModuleList``:
+  1. capture what block 0 receives for each calibration batch (stop the forward pass right there);
+  2. for block i, run it with forward hooks on its target linears, accumulating statistics of each linear's
+     input rows X (n × C): H = XᵀX / n, per-channel mean x², max |x|, mean |x|, min, max, sampled rows;
+  3. hand every target linear and its statistics to ``layer_fn``, which may change it in place or return a
+     replacement module;
+  4. sequential=True: run the changed block again, so block i + 1 is calibrated on what the compressed model
+     really feeds it; sequential=False: block i + 1 gets the outputs of the untouched block (one dense pass,
+     which is also how ``collect_input_stats`` gathers statistics once for several experiments).
+Linears that read the same tensor (q/k/v, gate/up) share one statistics object, computed once.
+And the Hessian helpers of second-order methods: ``damped_hessian`` (H + λ·mean(diag H)·I, dead inputs
+fixed) and ``inverse_hessian_cholesky`` (the upper Cholesky factor U of H⁻¹ = UᵀU).
+Glossary: X inputs of one linear (n tokens × C channels) · H = XᵀX / n (the layer loss Hessian up to 2/n)
+          · λ damping fraction · U upper Cholesky factor of H⁻¹ · block = decoder layer.
+Left out: "true sequential" order inside a block (q/k/v and o of one block all see the block's inputs);
+offloading blocks to save accelerator memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from effref.runtime import progress_bar
+
+STATS = ("hessian", "sq_mean", "abs_max", "abs_mean", "min", "max", "samples")
+LayerFn = Callable[[str, nn.Linear, "InputStats | None"], "nn.Module | None"]
+
+
+@dataclass
+class InputStats:
+    """Statistics of the input rows X (n × C) one linear saw (only those asked for are filled)."""
+
+    n_tokens: int = 0
+    hessian: torch.Tensor | None = None  # (C, C) XᵀX / n, float32
+    sq_mean: torch.Tensor | None = None  # (C,) mean x² per channel = diag(H); ||X_j||₂ = sqrt(n · sq_mean_j)
+    abs_max: torch.Tensor | None = None  # (C,)
+    abs_mean: torch.Tensor | None = None  # (C,)
+    min: torch.Tensor | None = None  # (C,)
+    max: torch.Tensor | None = None  # (C,)
+    samples: torch.Tensor | None = None  # (m, C) seeded choice of rows of X
+
+    def update(self, x: torch.Tensor, needs: Collection[str], keep: int, generator: torch.Generator) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (n, C)
+        n_old, n = self.n_tokens, x.shape[0]
+        self.n_tokens += n
+
+        def mean(old: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:  # running mean over all rows
+            return new if old is None else old * (n_old / self.n_tokens) + new * (n / self.n_tokens)
+
+        if "hessian" in needs:
+            self.hessian = mean(self.hessian, x.T @ x / n)  # (C, C)
+        if "sq_mean" in needs:
+            self.sq_mean = mean(self.sq_mean, x.pow(2).mean(0))  # (C,)
+        if "abs_mean" in needs:
+            self.abs_mean = mean(self.abs_mean, x.abs().mean(0))
+        for name, reduce, pick in (("abs_max", lambda t: t.abs().amax(0), torch.maximum),
+                                   ("min", lambda t: t.amin(0), torch.minimum),
+                                   ("max", lambda t: t.amax(0), torch.maximum)):
+            if name in needs:
+                old = getattr(self, name)
+                setattr(self, name, reduce(x) if old is None else pick(old, reduce(x)))
+        if "samples" in needs and keep > 0:
+            rows = x[torch.randperm(n, generator=generator)[:keep].to(x.device)]  # (≤ keep, C)
+            self.samples = rows if self.samples is None else torch.cat([self.samples, rows])
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(dotted name, module) of the decoder's block list: the longest ``nn.ModuleList`` of blocks with linears."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        longer = isinstance(module, nn.ModuleList) and len(module) > (len(best[1]) if best else 0)
+        if longer and all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+            best = (name, module)
+    if best is None:
+        raise ValueError(f"found no nn.ModuleList of blocks with linear layers in {type(model).__name__}")
+    return best
+
+
+def block_linears(model: nn.Module, target: Callable[[str, nn.Module], bool] | None = None,
+                  block_ids: Sequence[int] | None = None) -> dict[int, dict[str, nn.Linear]]:
+    """{block index: {name inside the block: linear}} for the linears ``target(name, module)`` selects."""
+    prefix, blocks = find_blocks(model)
+    chosen = range(len(blocks)) if block_ids is None else sorted(set(block_ids))
+    if any(not 0 <= i < len(blocks) for i in chosen):
+        raise ValueError(f"block_ids={list(block_ids)} out of range; the model has {len(blocks)} blocks")
+    plan = {}
+    for i in chosen:
+        found = {name: m for name, m in blocks[i].named_modules() if isinstance(m, nn.Linear)
+                 and (target is None or target(f"{prefix}.{i}.{name}", m))}
+        if found:
+            plan[i] = found
+    if not plan:
+        raise ValueError("target= selected no nn.Linear inside the chosen blocks; nothing to compress")
+    return plan
+
+
+class _Captured(Exception):
+    """Raised by the block-0 hook: block 0's inputs are recorded, the rest of the forward pass is not needed."""
+
+
+def _block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor,
+                  batch_size: int) -> list[tuple[tuple, dict]]:
+    records: list[tuple[tuple, dict]] = []
+
+    def hook(module, args, kwargs):
+        records.append((args, kwargs))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    is_hf = hasattr(model, "config") and not hasattr(model, "cfg")
+    try:
+        for start in range(0, batches.shape[0], batch_size):
+            chunk = batches[start:start + batch_size]  # (b, T)
+            try:
+                model(chunk, use_cache=False) if is_hf else model(chunk)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return records
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _run_block(block: nn.Module, linears: dict[str, nn.Linear], records: list[tuple[tuple, dict]],
+               needs: Collection[str], keep: int, generator: torch.Generator,
+               ) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """Run ``block`` on every record with hooks on ``linears``; (statistics per name, block outputs)."""
+    stats: dict[str, InputStats] = {}
+    seen: dict[tuple, InputStats] = {}  # (data_ptr, shape) of an input tensor within one batch -> its stats
+    done: set[int] = set()
+
+    def make_hook(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            if name not in stats:  # first batch decides which linears share an input
+                stats[name] = seen.setdefault((x.data_ptr(), tuple(x.shape)), InputStats())
+            if id(stats[name]) not in done:
+                done.add(id(stats[name]))
+                stats[name].update(x, needs, keep * (x.shape[0] if x.ndim >= 3 else 1), generator)
+        return hook
+
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in linears.items()]
+    outputs = []
+    try:
+        for args, kwargs in records:
+            seen.clear()
+            done.clear()
+            outputs.append(_hidden(block(*args, **kwargs)))
+    finally:
+        for h in handles:
+            h.remove()
+    return stats, outputs
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+@torch.no_grad()
+def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tensor | None = None,
+                 needs: Collection[str] = (), target: Callable[[str, nn.Module], bool] | None = None,
+                 block_ids: Sequence[int] | None = None, sequential: bool = True, batch_size: int = 4,
+                 max_samples: int = 512, seed: int = 0, progress: bool = True,
+                 desc: str = "calibrating") -> nn.Module:
+    """Call ``layer_fn(name, linear, stats)`` on every target linear of the decoder blocks; return the model.
+
+    ``stats`` is an :class:`InputStats` holding the statistics named in ``needs`` (a subset of ``STATS``), or
+    None when ``needs`` is empty (then no calibration forward runs). ``layer_fn`` returns a replacement
+    module or None (the linear stays, possibly changed in place). ``name`` is the full dotted name.
+    ``calib_batches`` (n, T) token ids are required when ``needs`` is not empty; see the module docstring
+    for ``sequential``. ``target(name, module)`` filters linears; ``block_ids`` restricts the blocks.
+    """
+    unknown = set(needs) - set(STATS)
+    if unknown:
+        raise ValueError(f"needs={sorted(unknown)} are not known statistics; use a subset of {STATS}")
+    if needs and calib_batches is None:
+        raise ValueError(f"this method needs calibration data ({', '.join(sorted(needs))}) but calib_batches=None;"
+                         " pass calib_batches=calibration_batches(ids, n, seq_len)")
+    if calib_batches is not None and (not isinstance(calib_batches, torch.Tensor) or calib_batches.ndim != 2
+                                      or calib_batches.is_floating_point()):
+        raise ValueError("calib_batches must be a (n, T) tensor of token ids, got "
+                         f"{getattr(calib_batches, 'shape', type(calib_batches).__name__)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    prefix, blocks = find_blocks(model)
+    plan = block_linears(model, target, block_ids)
+    bar = progress_bar(total=sum(len(v) for v in plan.values()), desc=desc, disable=not progress)
+    records, keep, generator = None, 0, torch.Generator().manual_seed(seed)
+    if needs:
+        device = next(model.parameters()).device
+        records = _block_inputs(model, blocks[0], calib_batches.to(device), batch_size)
+        keep = -(-max_samples // calib_batches.shape[0])  # sampled rows per sequence
+    for i in range(max(plan) + 1):
+        stats, outputs = {}, None
+        if records is not None and (i in plan or not sequential):
+            stats, outputs = _run_block(blocks[i], plan.get(i, {}), records, needs, keep, generator)
+        for name, linear in plan.get(i, {}).items():
+            new = layer_fn(f"{prefix}.{i}.{name}", linear, stats.get(name))
+            if new is not None:
+                _set_module(blocks[i], name, new)
+            bar.update(1)
+            bar.set_postfix(block=i)
+        if records is not None and i < max(plan):  # outputs of block i are the inputs of block i + 1
+            if sequential:
+                outputs = [_hidden(blocks[i](*args, **kwargs)) for args, kwargs in records]
+            records = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, records)]
+    bar.close()
+    return model
+
+
+def map_linears(model: nn.Module, layer_fn: LayerFn, needs: Collection[str] = (),
+                calib_batches: torch.Tensor | None = None, stats: dict[str, InputStats] | None = None,
+                **walk_kwargs) -> nn.Module:
+    """``walk_linears`` whose statistics come from ``calib_batches`` (a sequential walk, the papers' scheme)
+    or from ``stats`` gathered beforehand by ``collect_input_stats`` (no forward pass at all)."""
+    if stats is None:
+        if needs and calib_batches is None:
+            raise ValueError(f"this method needs calibration statistics ({', '.join(sorted(needs))}): pass "
+                             "calib_batches=(n, T) token ids or stats=collect_input_stats(model, calib_batches)")
+        return walk_linears(model, layer_fn, calib_batches, needs, **walk_kwargs)
+
+    def from_stats(name: str, linear: nn.Linear, _: InputStats | None) -> nn.Module | None:
+        s = stats.get(name)
+        missing = [k for k in needs if s is None or getattr(s, k) is None]
+        if missing:
+            raise KeyError(f"stats for {name} lack {missing}; collect them with needs={tuple(needs)}")
+        return layer_fn(name, linear, s)
+
+    return walk_linears(model, from_stats, None, (), **walk_kwargs)
+
+
+def collect_input_stats(model: nn.Module, calib_batches: torch.Tensor, needs: Collection[str] = ("hessian",),
+                        **kwargs) -> dict[str, InputStats]:
+    """{linear name: InputStats} of the unmodified model in one dense pass (``walk_linears``, sequential=False).
+
+    Lets a chapter calibrate once and compare many methods and settings on the same statistics.
+    """
+    stats: dict[str, InputStats] = {}
+
+    def record(name: str, linear: nn.Linear, s: InputStats | None) -> None:
+        stats[name] = s
+
+    walk_linears(model, record, calib_batches, needs, sequential=False, desc=kwargs.pop("desc", "calibration"),
+                 **kwargs)
+    return stats
+
+
+def damped_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + λ·mean(diag H)·I in float64, dead) where ``dead`` marks inputs that were always zero.
+
+    A dead input (H_jj = 0) gets H_jj = 1 so H stays invertible; its weights multiply only zeros, so
+    callers may set them to zero for free (GPTQ and SparseGPT do).
+    """
+    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise ValueError(f"hessian must be a square (C, C) matrix, got shape {tuple(hessian.shape)}")
+    if not 0 <= damp < 1:
+        raise ValueError(f"damp={damp} must be in [0, 1) (a fraction of the mean diagonal, e.g. 0.01)")
+    H = hessian.double().clone()  # (C, C)
+    dead = torch.diagonal(H) == 0  # (C,)
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * torch.diagonal(H).mean())  # GPTQ §3 "Step 3": λ = 1% of the mean diagonal
+    return H, dead
+
+
+def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U is the upper Cholesky factor of (damped H)⁻¹ = UᵀU, float64; see ``damped_hessian``.
+
+    Row j of U holds the OBS quantities after columns < j are fixed: U_jj² = [H_{j:, j:}⁻¹]_00 and
+    U_{j, j:} / U_jj is the update that removing weight j sends to columns ≥ j (GPTQ Eq. 3, SparseGPT §3.2).
+    """
+    H, dead = damped_hessian(hessian, damp)
+    L, info = torch.linalg.cholesky_ex(H)  # H = L Lᵀ
+    if info:
+        raise ValueError(f"the damped Hessian is not positive definite (damp={damp}); use a larger damp such "
+                         "as 0.1 or more calibration tokens")
+    H_inv = torch.cholesky_inverse(L)  # (C, C) H⁻¹
+    return torch.linalg.cholesky(H_inv, upper=True), dead  # (C, C) upper U

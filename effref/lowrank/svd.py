@@ -1,0 +1,114 @@
+"""Truncated SVD of linear layers, plain and activation-aware (whitened by calibration statistics).
+
+Papers: Eckart & Young (1936) for the optimality of the truncated SVD; the whitening of SVD-LLM (Wang, Zheng,
+Zhang, Zhang, 2024, arXiv:2403.07378, §3.1 "truncation-aware data whitening"); ASVD (Yuan et al., 2023,
+arXiv:2312.05821) for the activation-aware idea. Survey §2.1.3: W ≈ U Vᵀ with rank r ≪ min(m, n).
+Implements, for a layer W (d_out × d_in):
+  plain:      W = U Σ Vᵀ,  Ŵ = U_r Σ_r V_rᵀ, minimising ||W − Ŵ||_F; the error is sqrt(Σ_{i>r} σ_i²) (Eckart–Young);
+  whitened:   H = XᵀX / n = S Sᵀ (Cholesky of the damped calibration Hessian), W S = U Σ Vᵀ,
+              Ŵ = U_r Σ_r V_rᵀ S⁻¹, minimising the output error ||(W − Ŵ) Xᵀ||_F² / n = Σ_{i>r} σ_i(W S)²;
+stored as two linears, ``down`` (A = V_rᵀ, or V_rᵀ S⁻¹ when whitened: r × d_in) then ``up``
+(B = U_r Σ_r: d_out × r): r · (d_in + d_out) parameters instead of d_in · d_out, and fewer FLOPs
+when r < d_in · d_out / (d_in + d_out).
+Glossary: r rank · σ_i singular values · S lower Cholesky factor of H · A, B the two factors (Ŵ = B A).
+Left out: per-layer rank search (SVD-LLM's and ASVD's sensitivity-based rank allocation), the
+          closed-form parameter update of SVD-LLM §3.2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from effref.compression.calibration import InputStats, damped_hessian, map_linears
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) = B A x (+ bias): a rank-r stand-in for an nn.Linear."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        check_rank(rank, out_features, in_features)
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)  # A: (r, d_in)
+        self.up = nn.Linear(rank, out_features, bias=bias)  # B: (d_out, r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))  # (..., d_in) -> (..., r) -> (..., d_out)
+
+    def weight_product(self) -> torch.Tensor:
+        return self.up.weight @ self.down.weight  # (d_out, d_in) = B A
+
+    def spec(self) -> dict:
+        return {"in": self.in_features, "out": self.out_features, "rank": self.rank, "bias": self.up.bias is not None}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> LowRankLinear:
+        return cls(spec["in"], spec["out"], spec["rank"], spec["bias"])
+
+
+def check_rank(rank: int, rows: int, cols: int) -> None:
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(rows, cols):
+        raise ValueError(f"rank={rank!r} must be an integer in [1, min(rows, cols)] = [1, {min(rows, cols)}] for "
+                         f"a {rows} × {cols} matrix; a larger rank cannot be represented, use a smaller one")
+
+
+def rank_for_ratio(rows: int, cols: int, ratio: float) -> int:
+    """The rank whose two factors hold about ``ratio`` of a rows × cols matrix's parameters (at least 1)."""
+    if not 0 < ratio <= 1:
+        raise ValueError(f"ratio={ratio} must be in (0, 1] (the fraction of the layer's parameters kept)")
+    return max(1, min(min(rows, cols), int(ratio * rows * cols / (rows + cols))))
+
+
+def truncated_svd(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = None,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in), σ all singular values): Ŵ = B A; whitened by ``hessian`` (in, in) if given."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    check_rank(rank, *weight.shape)
+    W = weight.double()  # (out, in)
+    if hessian is None:
+        U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)  # W = U Σ Vᵀ
+        A = Vh[:rank]  # (r, in)
+    else:
+        if hessian.shape != (W.shape[1], W.shape[1]):
+            raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({W.shape[1]}, {W.shape[1]}) "
+                             "for this layer's inputs")
+        S = torch.linalg.cholesky(damped_hessian(hessian, damp)[0])  # (in, in) lower, H = S Sᵀ
+        U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)  # W S = U Σ Vᵀ
+        A = torch.linalg.solve_triangular(S, Vh[:rank], upper=False, left=False)  # A S = V_rᵀ: (r, in)
+    B = U[:, :rank] * sigma[:rank]  # (out, r) U_r Σ_r
+    return B.to(weight.dtype), A.to(weight.dtype), sigma
+
+
+def svd_factorize(linear: nn.Linear, rank: int, stats: InputStats | None = None,
+                  damp: float = 0.01) -> LowRankLinear:
+    """A ``LowRankLinear`` approximating ``linear``: plain SVD, or whitened when ``stats`` has a hessian."""
+    B, A, _ = truncated_svd(linear.weight.detach(), rank, None if stats is None else stats.hessian, damp)
+    new = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None)
+    new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        new.down.weight.copy_(A)
+        new.up.weight.copy_(B)
+        if linear.bias is not None:
+            new.up.bias.copy_(linear.bias)
+    return new
+
+
+def svd_compress_model(model: nn.Module, ratio: float, whiten: bool = False,
+                       calib_batches: torch.Tensor | None = None, stats: Mapping[str, InputStats] | None = None,
+                       target: Callable[[str, nn.Module], bool] | None = None, damp: float = 0.01,
+                       **kwargs) -> dict[str, int]:
+    """Replace each target linear of the decoder blocks by a ``LowRankLinear`` keeping ``ratio`` of its
+    parameters (rank from ``rank_for_ratio``); whitened SVD if ``whiten`` (needs calibration). {name: rank}."""
+    ranks: dict[str, int] = {}
+
+    def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LowRankLinear:
+        ranks[name] = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+        return svd_factorize(linear, ranks[name], s if whiten else None, damp)
+
+    map_linears(model, layer_fn, ("hessian",) if whiten else (), calib_batches, stats, target=target,
+                desc="svd", **kwargs)
+    return ranks
