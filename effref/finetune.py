@@ -128,6 +128,27 @@ def novel_task(tokenizer, passage_tokens: int = 48, train_per_class: int = 32, t
     return NovelTask(titles, torch.tensor(label_ids), *tensors["train"], *tensors["test"], passage_tokens, suffix)
 
 
+def toy_task(seed: int = 0, passage_tokens: int = 24, train_per_class: int = 16, test_per_class: int = 8) -> NovelTask:
+    """A six-class stand-in for unit tests on tiny random models (vocabulary 256: one token per byte).
+
+    Class c's "novel" is 3,000 random words over its own three letters; verbalisers are the bytes "A".."F".
+    """
+    import random
+
+    rng = random.Random(seed)
+    alphabets = ["abc", "def", "ghi", "jkl", "mno", "pqr"]
+    texts = {f"n{i}": " ".join("".join(rng.choice(a) for _ in range(rng.randint(2, 6))) for _ in range(3000))
+             for i, a in enumerate(alphabets)}
+    verbalisers = {f"n{i}": chr(ord("A") + i) for i in range(6)}
+    return novel_task(byte_tokenizer, passage_tokens, train_per_class, test_per_class, seed=seed, suffix="\n:",
+                      texts=texts, verbalisers=verbalisers)
+
+
+def byte_tokenizer(text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+    """UTF-8 bytes as token ids, with the call signature of a transformers tokenizer."""
+    return {"input_ids": list(text.encode("utf-8"))}
+
+
 def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token logits after the last position, (B, V), computing the LM head only there when possible."""
     if _is_hf(model) or getattr(model, "supports_logits_to_keep", False):

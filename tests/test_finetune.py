@@ -6,28 +6,24 @@ import random
 import pytest
 import torch
 
-from effref.finetune import evaluate, novel_task, train
+from effref.finetune import byte_tokenizer, evaluate, novel_task, toy_task, train
 from effref.models import load_model
 
 
-def byte_tokenizer(text, add_special_tokens=False):
-    return {"input_ids": list(text.encode("utf-8"))}
-
-
-LETTERS = ["abc", "def", "ghi", "jkl", "mno", "pqr"]
-VERBALISERS = {f"n{i}": chr(ord("A") + i) for i in range(6)}
-
-
-def synthetic_texts():
-    rng = random.Random(0)
-    return {f"n{i}": " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 6))) for _ in range(3000))
-            for i, letters in enumerate(LETTERS)}
-
-
 def small_task(**kw):
-    args = {"passage_tokens": 24, "train_per_class": 16, "test_per_class": 8, "texts": synthetic_texts(),
-                "verbalisers": VERBALISERS, "suffix": "\n:"}
+    args = {"passage_tokens": 24, "train_per_class": 16, "test_per_class": 8, "texts": toy_texts(),
+                "verbalisers": {f"n{i}": chr(ord("A") + i) for i in range(6)}, "suffix": "\n:"}
     return novel_task(byte_tokenizer, **(args | kw))
+
+
+def toy_texts():
+    rng = random.Random(0)
+    return {f"n{i}": " ".join("".join(rng.choice(a) for _ in range(rng.randint(2, 6))) for _ in range(3000))
+            for i, a in enumerate(["abc", "def", "ghi", "jkl", "mno", "pqr"])}
+
+
+def test_toy_task_is_the_same_construction():
+    assert torch.equal(toy_task().train_ids, small_task().train_ids)
 
 
 def test_task_is_deterministic_balanced_and_train_test_disjoint():
