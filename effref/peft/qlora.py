@@ -113,6 +113,14 @@ def double_dequantize(codes: torch.Tensor, scale: torch.Tensor, mean: torch.Tens
     return (values * scale[:, None]).reshape(-1)[:n] + mean
 
 
+def fake_quantize_nf4(w: torch.Tensor, cfg: NF4Config = NF4Config()) -> torch.Tensor:
+    """NF4 round trip of ``w`` (with double quantization if ``cfg`` says so): float32 of w's shape."""
+    indices, absmax = quantize_nf4(w, cfg.block_size)
+    if cfg.double_quant:
+        absmax = double_dequantize(*double_quantize(absmax, cfg.dq_block_size), cfg.dq_block_size)
+    return dequantize_nf4(indices, absmax, w.shape)
+
+
 class _FrozenWeightMatmul(torch.autograd.Function):
     """y = x Wᵀ with W dequantized in forward and again in backward, so autograd never keeps a float copy.
 
