@@ -174,23 +174,25 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     Keys are the names of ``model.named_parameters()`` / ``named_buffers()``; values are detached CPU copies.
     """
     out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()  # a tensor shared by several modules (tied weights) is saved once
     for name, p in model.named_parameters():
         if p.requires_grad:
             out[name] = p.detach().cpu().clone()
+            seen.add(id(p))
     for prefix, module in model.named_modules():
         for local in getattr(module, "frozen_adapter_tensors", ()):
-            full = f"{prefix}.{local}" if prefix else local
-            out.setdefault(full, module.get_parameter(local).detach().cpu().clone() if _is_param(module, local)
-                           else module.get_buffer(local).detach().cpu().clone())
+            tensor = _get_tensor(module, local)
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                out[f"{prefix}.{local}" if prefix else local] = tensor.detach().cpu().clone()
     return out
 
 
-def _is_param(module: nn.Module, local: str) -> bool:
+def _get_tensor(module: nn.Module, local: str) -> torch.Tensor:
     try:
-        module.get_parameter(local)
-        return True
+        return module.get_parameter(local)
     except AttributeError:
-        return False
+        return module.get_buffer(local)
 
 
 def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -200,7 +202,7 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     if missing or unexpected:
         raise KeyError(f"adapter state does not fit this model: missing {missing[:5]}, unexpected "
                        f"{unexpected[:5]}; apply the same method with the same config before loading")
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
     with torch.no_grad():
         for name, value in state.items():
             target = tensors[name]
