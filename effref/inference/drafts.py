@@ -1,0 +1,88 @@
+"""Draft models that exist offline: the target itself with most of its blocks skipped.
+
+Papers: layer-skipping self-drafts as in Zhang et al. (2023), "Draft & Verify: Lossless Large Language Model
+Acceleration via Self-Speculative Decoding", arXiv:2309.08168; the affine "tuned lens" of Belrose et al.
+(2023), "Eliciting Latent Predictions from Transformers with the Tuned Lens", arXiv:2303.08112.
+Implements: a shallow copy of our Llama that runs only the blocks in ``keep`` (default: the first k), then the
+final RMSNorm and LM head, sharing every weight with the target (it costs no memory but its own KV cache);
+optionally an affine lens  h_L ≈ A h_keep + b  in front of the final norm, fitted in closed form by ridge
+regression on calibration text:  [A; b] = (XᵀX + λI)⁻¹ XᵀY  with X the draft's last hidden states (plus a
+column of ones) and Y the target's last hidden states, both before the final norm.
+Glossary: k kept blocks · h_keep draft residual stream · h_L target residual stream · λ ``ridge`` (relative to
+          the mean of diag XᵀX) · N calibration tokens.
+Left out: Draft & Verify's Bayesian search for which layers to skip (the chapter compares a few choices),
+          and training the draft (distillation would raise acceptance; it is not offline-cheap).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from effref.models.llama import Block, Llama
+
+
+def _as_layers(model: Llama, keep: int | Sequence[int]) -> list[int]:
+    n = model.cfg.n_layers
+    layers = list(range(keep)) if isinstance(keep, int) else [int(i) for i in keep]
+    if not layers or layers != sorted(set(layers)) or not 0 <= layers[0] <= layers[-1] < n:
+        raise ValueError(f"keep={keep!r}: need k in 1..{n} or strictly increasing block indices in 0..{n - 1}")
+    return layers
+
+
+def _renumbered(block: Block, layer: int) -> Block:
+    """The same block (same weights) writing its keys/values to cache layer ``layer``."""
+    clone, attn = copy.copy(block), copy.copy(block.attn)
+    clone._modules = dict(block._modules)  # a new table, so swapping attn leaves the target's block alone
+    attn.layer = layer
+    clone._modules["attn"] = attn
+    return clone
+
+
+def layer_skip_draft(model: Llama, keep: int | Sequence[int], lens: nn.Module | None = None) -> Llama:
+    """A draft that runs ``keep`` (k, or block indices) of ``model``'s blocks, then ``lens``, norm and head."""
+    layers = _as_layers(model, keep)
+    draft = copy.copy(model)
+    draft._modules = dict(model._modules)  # the target keeps its own blocks / norm
+    draft._modules["blocks"] = nn.ModuleList(_renumbered(model.blocks[i], j) for j, i in enumerate(layers))
+    if lens is not None:
+        draft._modules["norm"] = nn.Sequential(lens, model.norm)
+    draft.cfg = dataclasses.replace(model.cfg, n_layers=len(layers))
+    draft.kept_layers = layers
+    return draft
+
+
+def _final_residuals(model: Llama, ids: torch.Tensor) -> torch.Tensor:
+    """The residual stream entering ``model.norm``, (B·T, d_model)."""
+    seen = []
+    handle = model.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        model(ids)
+    finally:
+        handle.remove()
+    return seen[-1].reshape(-1, seen[-1].shape[-1])
+
+
+@torch.no_grad()
+def fit_lens(model: Llama, keep: int | Sequence[int], calib_ids: torch.Tensor, ridge: float = 1e-2) -> nn.Linear:
+    """Fit the affine lens of a ``keep`` draft on ``calib_ids`` (B, T): ridge regression of h_L on h_keep."""
+    if calib_ids.ndim != 2 or calib_ids.numel() < 2 * model.cfg.d_model:
+        raise ValueError(f"calib_ids {tuple(calib_ids.shape)}: need (B, T) with at least 2·d_model="
+                         f"{2 * model.cfg.d_model} tokens for a well-posed {model.cfg.d_model}² fit")
+    if ridge < 0:
+        raise ValueError(f"ridge={ridge} must be >= 0")
+    x = _final_residuals(layer_skip_draft(model, keep), calib_ids).double()  # (N, d) draft residuals
+    y = _final_residuals(model, calib_ids).double()  # (N, d) target residuals
+    x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)  # (N, d + 1)
+    gram = x.T @ x  # (d + 1, d + 1)
+    gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    solution = torch.linalg.solve(gram, x.T @ y)  # (d + 1, d): [Aᵀ; b]
+    d = model.cfg.d_model
+    lens = nn.Linear(d, d).to(device=calib_ids.device, dtype=model.embed.weight.dtype)
+    lens.weight.copy_(solution[:d].T)
+    lens.bias.copy_(solution[d])
+    return lens
