@@ -14,10 +14,25 @@ from effref.quantization.basics import (
     quantize,
     unpack,
 )
-from effref.quantization.driver import LayerInputs, find_blocks, quantize_model
+from effref.quantization.driver import LayerInputs, collect_statistics, find_blocks, quantize_model
 from effref.quantization.io import load_quantized, save_quantized
 from effref.quantization.linear import QuantLinear, quantized_linear_bits
 
-__all__ = ["GRANULARITIES", "LayerInputs", "QTensor", "QuantConfig", "QuantLinear", "dequantize", "fake_quantize",
-           "find_blocks", "load_quantized", "pack", "quantize", "quantize_model", "quantized_linear_bits",
-           "save_quantized", "unpack"]
+__all__ = [
+    "GRANULARITIES",
+    "LayerInputs",
+    "QTensor",
+    "QuantConfig",
+    "QuantLinear",
+    "collect_statistics",
+    "dequantize",
+    "fake_quantize",
+    "find_blocks",
+    "load_quantized",
+    "pack",
+    "quantize",
+    "quantize_model",
+    "quantized_linear_bits",
+    "save_quantized",
+    "unpack",
+]

@@ -98,9 +98,7 @@ def find_params(w: torch.Tensor, bits: int, symmetric: bool, scale_dtype: torch.
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
     """Integer codes of ``w`` on the grid ``scale·(q - zero)`` (int16, same shape as ``w``)."""
     lo_code, hi_code = code_range(bits, zero is None)
-    q = torch.round(w.float() / scale)
-    if zero is not None:
-        q = q + zero
+    q = torch.round(w.float() / scale if zero is None else w.float() / scale + zero)  # zero may be real-valued
     return q.clamp(lo_code, hi_code).to(torch.int16)
 
 
@@ -116,7 +114,8 @@ class QTensor:
 
     ``codes`` has the shape of the original tensor; ``scale`` and ``zero`` are (R, G) with R the rows
     (or 1 for per-tensor) and G the groups per row. ``zero`` is None for symmetric quantization; it may be a
-    float tensor, or itself a QTensor (SpQR quantizes its statistics), and so may ``scale``.
+    float tensor, or itself a QTensor (SpQR quantizes its statistics), and so may ``scale``; such a nested
+    QTensor may hold the statistics transposed, (G, R), when ``transposed_stats`` is set.
     """
 
     codes: torch.Tensor
@@ -127,10 +126,13 @@ class QTensor:
     group_size: int
     symmetric: bool
     shape: tuple[int, ...]
+    transposed_stats: bool = False
 
-    @staticmethod
-    def _value(stat: torch.Tensor | QTensor | None) -> torch.Tensor | None:
-        return stat.dequantize() if isinstance(stat, QTensor) else stat
+    def _value(self, stat: torch.Tensor | QTensor | None) -> torch.Tensor | None:
+        if not isinstance(stat, QTensor):
+            return stat
+        value = stat.dequantize()
+        return value.T if self.transposed_stats else value
 
     def dequantize(self) -> torch.Tensor:
         """float32 tensor of ``shape``."""

@@ -19,7 +19,7 @@ inputs); multi-GPU offloading of blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -137,7 +137,8 @@ def _replace(block: nn.Module, name: str, full: str, linear: nn.Linear, method_f
 def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Tensor | None = None,
                    target: Callable[[str, nn.Module], bool] = default_target, needs: Collection[str] = (),
                    block_ids: Sequence[int] | None = None, batch_size: int = 4, max_samples: int = 512,
-                   seed: int = 0, progress: bool = True, desc: str = "quantizing") -> nn.Module:
+                   seed: int = 0, progress: bool = True, desc: str = "quantizing",
+                   stats: Mapping[str, LayerInputs] | None = None) -> nn.Module:
     """Quantize ``model``'s target linears in place, block by block, with ``method_fn``; return the model.
 
     ``method_fn(name, linear, stats)`` returns the replacement module (or a QTensor); ``stats`` is a
@@ -146,11 +147,13 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
     are required when ``needs`` is not empty. ``target(name, module)`` selects modules (names relative to the
     model); selected modules must be ``nn.Linear`` inside the decoder blocks. ``block_ids`` restricts the
     work to some blocks (the rest keep full precision); ``max_samples`` caps the rows kept for "samples".
+    ``stats`` (from :func:`collect_statistics`) replaces calibration: no forward pass runs, and every block
+    uses statistics of the full-precision model (non-sequential, but shareable between methods).
     """
     unknown = set(needs) - set(STATS)
     if unknown:
         raise ValueError(f"needs={sorted(unknown)} are not known statistics; use a subset of {STATS}")
-    if needs and calib_batches is None:
+    if needs and calib_batches is None and stats is None:
         raise ValueError(f"this method needs calibration data ({', '.join(sorted(needs))}) but calib_batches=None;"
                          " pass calib_batches=calibration_batches(ids, n, seq_len)")
     if calib_batches is not None and (not isinstance(calib_batches, torch.Tensor) or calib_batches.ndim != 2
@@ -184,7 +187,7 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
         raise ValueError("target= selected no nn.Linear inside the chosen blocks; nothing to quantize")
     bar = progress_bar(total=sum(len(v) for v in plan.values()), desc=desc, disable=not progress)
     records = None
-    if needs:
+    if needs and stats is None:
         device = next(model.parameters()).device
         records = _capture_block_inputs(model, blocks[0], calib_batches.to(device), batch_size)
         keep = -(-max_samples // calib_batches.shape[0])  # rows kept per sequence
@@ -192,16 +195,43 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
     for i in range(max(plan) + 1):
         block = blocks[i]
         if i in plan and records is not None:
-            stats = _collect(block, plan[i], records, needs, keep, batch_size, generator)
+            found = _collect(block, plan[i], records, needs, keep, batch_size, generator)
         for name, linear in plan.get(i, []):
-            _replace(block, name, f"{prefix}.{i}.{name}", linear, method_fn,
-                     stats[name] if records is not None else None)
+            full = f"{prefix}.{i}.{name}"
+            if records is not None:
+                layer_stats = found[name]
+            elif needs and stats is not None:
+                layer_stats = stats.get(full)
+                missing = [k for k in needs if layer_stats is None or getattr(layer_stats, k) is None]
+                if missing:
+                    raise ValueError(f"stats has no {missing} for {full}; collect them with "
+                                     f"collect_statistics(model, calib_batches, needs={tuple(needs)}) first")
+            else:
+                layer_stats = None
+            _replace(block, name, full, linear, method_fn, layer_stats)
             bar.update(1)
             bar.set_postfix(block=i)
         if records is not None and i < max(plan):  # the quantized block's outputs feed block i + 1
             records = [((_hidden(block(*args, **kwargs)),) + tuple(args[1:]), kwargs) for args, kwargs in records]
     bar.close()
     return model
+
+
+def collect_statistics(model: nn.Module, calib_batches: torch.Tensor, needs: Collection[str] = STATS[:-1],
+                       **driver) -> dict[str, LayerInputs]:
+    """Input statistics of every target linear of the *full-precision* model, keyed by module name.
+
+    One calibration pass, shareable by several methods through ``quantize_model(..., stats=...)``: the
+    driver walks the blocks as usual, but hands every linear back unchanged.
+    """
+    found: dict[str, LayerInputs] = {}
+
+    def keep(name: str, linear: nn.Linear, stats: LayerInputs | None) -> nn.Linear:
+        found[name] = stats
+        return linear
+
+    quantize_model(model, keep, calib_batches, needs=needs, desc=driver.pop("desc", "calibrating"), **driver)
+    return found
 
 
 def _collect(block: nn.Module, targets: list[tuple[str, nn.Linear]], records: list[tuple[tuple, dict]],

@@ -29,7 +29,7 @@ def kron_right(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     lead, n = x.shape[:-1], x.shape[-1]
     y = x.reshape(-1, *[f.shape[0] for f in factors])  # (N, p_0, p_1, ...)
     for axis, f in enumerate(factors, start=1):  # contract axis k with F_k's rows: y[..., k, ...] @ F_k
-        y = torch.tensordot(y, f.to(y.dtype), dims=([axis], [0])).movedim(-1, axis)
+        y = torch.tensordot(y, f.to(device=y.device, dtype=y.dtype), dims=([axis], [0])).movedim(-1, axis)
     return y.reshape(*lead, n)
 
 
@@ -37,7 +37,8 @@ def _flatten_qtensor(q: QTensor, prefix: str) -> tuple[dict, dict[str, torch.Ten
     """JSON-able description + buffers of a QTensor (codes packed; integer zeros packed at q.bits)."""
     offset = 2 ** (q.bits - 1) if q.symmetric else 0  # symmetric codes are shifted to be ≥ 0
     meta = {"bits": q.bits, "granularity": q.granularity, "group_size": q.group_size,
-            "symmetric": q.symmetric, "shape": list(q.shape), "offset": offset}
+            "symmetric": q.symmetric, "shape": list(q.shape), "offset": offset,
+            "transposed_stats": q.transposed_stats}
     buffers = {f"{prefix}qweight": pack(q.codes.to(torch.int32) + offset, q.bits)}
     for part in ("scale", "zero"):
         stat = getattr(q, part)
@@ -93,10 +94,14 @@ class QuantLinear(nn.Module):
             buffers["outlier_cols"], buffers["outlier_weight"] = outlier_cols.to(torch.int32), outlier_weight.to(dtype)
         if input_scale is not None:
             buffers["input_scale"] = input_scale.to(dtype)
+        meta["hadamard"] = []
         for side, rot in (("rot_in", rot_in), ("rot_out", rot_out)):
             if rot is not None:
                 factors, signs = rot
-                buffers.update({f"{side}_f{i}": f.float().contiguous() for i, f in enumerate(factors)})
+                if isinstance(factors, str):  # "hadamard": deterministic factors, rebuilt rather than stored
+                    meta["hadamard"].append(side)
+                else:
+                    buffers.update({f"{side}_f{i}": f.float().contiguous() for i, f in enumerate(factors)})
                 buffers[f"{side}_signs"] = signs.to(torch.int8)
         meta["buffers"] = {name: [str(t.dtype), list(t.shape)] for name, t in buffers.items()}
         module = cls(linear.in_features, linear.out_features, meta, buffers)
@@ -126,13 +131,19 @@ class QuantLinear(nn.Module):
                 shape = m["packed"]
                 stats[part] = unpack(getattr(self, f"{prefix}{part}"), meta["bits"], shape[0] * shape[1]).view(shape)
         return QTensor(codes.view(meta["shape"]), stats["scale"], stats["zero"], meta["bits"],
-                       meta["granularity"], meta["group_size"], meta["symmetric"], tuple(meta["shape"]))
+                       meta["granularity"], meta["group_size"], meta["symmetric"], tuple(meta["shape"]),
+                       meta["transposed_stats"])
 
     def qtensor(self) -> QTensor:
         """The stored core as a QTensor (codes unpacked)."""
         return self._qtensor(self.meta["core"], "")
 
     def _rotation(self, side: str) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+        if side in self.meta.get("hadamard", ()):
+            from effref.quantization.quip import hadamard_factors  # deferred: quip.py imports this module
+
+            signs = getattr(self, f"{side}_signs")
+            return [f.to(signs.device) for f in hadamard_factors(signs.numel())], signs
         factors = [t for name, t in self.named_buffers() if name.startswith(f"{side}_f")]
         return (factors, getattr(self, f"{side}_signs")) if factors else None
 
@@ -146,7 +157,7 @@ class QuantLinear(nn.Module):
         if hasattr(self, "input_scale"):
             w = w / self.input_scale.float()  # Q(W diag(s)) diag(1/s)
         if (rot := self._rotation("rot_in")) is not None:
-            w = kron_right(w, rot[0]) * rot[1].float()  # Ŵ' V with V = (⊗F)·diag(signs)
+            w = kron_right(w, rot[0]) * rot[1].to(w)  # Ŵ' V with V = (⊗F)·diag(signs)
         if (rot := self._rotation("rot_out")) is not None:
             w = (kron_right(w.T, rot[0]) * rot[1].float()).T  # Uᵀ Ŵ'
         return w

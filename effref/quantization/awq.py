@@ -1,0 +1,86 @@
+"""AWQ: activation-aware weight quantization by per-input-channel scaling.
+
+Paper: Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han (2024), arXiv:2306.00978 — §3.2, Eqs. 4-5.
+Implements: weights that meet large activations matter most, and scaling such a weight column up before
+rounding (and its input down by the same factor) shrinks its relative rounding error. For a linear y = x Wᵀ:
+    y = (x · diag(s)⁻¹) (W · diag(s))ᵀ                    exactly, for any s > 0 (function-preserving)
+    Ŵ(s) = Q(W · diag(s)) · diag(s)⁻¹                     what the quantized layer computes with
+    s = s_x^α / sqrt(max(s_x^α) · min(s_x^α)),  s_x = mean |x| per input channel,
+    α* = argmin_{α ∈ {0, 1/N, …, (N-1)/N}} ||X Wᵀ − X Ŵ(s)ᵀ||²      (Eq. 5, grid of N = 20)
+The objective is computed as tr(ΔW H ΔWᵀ) with H = XᵀX / n over all calibration tokens; α = 0 is plain RTN,
+so the search can only match or beat it on the calibration data.
+Glossary: s per-channel scale · s_x mean activation magnitude · α migration exponent · Q group-wise RTN (g = 128).
+Left out: folding diag(s)⁻¹ into the previous RMSNorm / linear (we keep s as an fp16 vector in the layer, the
+same function, 16 bits per input channel more), one shared s for q/k/v and gate/up, block-output losses,
+and AWQ's weight-clipping search.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from effref.quantization.basics import QuantConfig, quantize
+from effref.quantization.driver import LayerInputs, quantize_model
+from effref.quantization.linear import QuantLinear
+
+
+@dataclass
+class AWQConfig:
+    quant: QuantConfig = field(default_factory=QuantConfig)  # group-wise, g = 128 by default
+    n_grid: int = 20  # N: α ∈ {0, 1/N, ..., (N-1)/N}
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant, QuantConfig):
+            raise TypeError(f"quant must be a QuantConfig, got {type(self.quant).__name__}")
+        if self.n_grid < 1:
+            raise ValueError(f"n_grid={self.n_grid} must be ≥ 1 (the paper searches 20 points)")
+
+
+def awq_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s = s_x^α normalised so that max(s)·min(s) = 1 (the paper's reference code), rounded to fp16."""
+    s = abs_mean.float().clamp(min=1e-5).pow(alpha)  # (C,)
+    s = s / (s.max() * s.min()).sqrt()
+    return s.half().float()  # the stored value, so quantization sees exactly what the layer will use
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """||X ΔWᵀ||² / n = tr(ΔW H ΔWᵀ) for H = XᵀX / n."""
+    return ((delta @ hessian) * delta).sum()
+
+
+def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, hessian: torch.Tensor,
+               cfg: AWQConfig | None = None) -> tuple[torch.Tensor, float, list[float]]:
+    """Grid search of α for weight ``w`` (R, C): (best scale s (C,), best α, loss per grid point)."""
+    cfg = cfg or AWQConfig()
+    w = w.detach().float()
+    losses, best = [], (None, 0.0, float("inf"))
+    for k in range(cfg.n_grid):
+        alpha = k / cfg.n_grid
+        s = awq_scales(abs_mean, alpha)  # (C,)
+        w_hat = quantize(w * s, cfg.quant).dequantize() / s  # Ŵ(s) = Q(W diag(s)) diag(s)⁻¹
+        loss = float(output_error(w_hat - w, hessian))
+        losses.append(loss)
+        if loss < best[2]:
+            best = (s, alpha, loss)
+    return best[0], best[1], losses
+
+
+def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = None) -> QuantLinear:
+    """Layer-level AWQ: search α, store Q(W·diag(s)) and s (the layer divides by s when it dequantizes)."""
+    cfg = cfg or AWQConfig()
+    if stats is None or stats.abs_mean is None or stats.hessian is None:
+        raise ValueError("AWQ needs the mean |x| and the Hessian of the layer's inputs; run it through "
+                         "awq_model with calib_batches, or pass LayerInputs with abs_mean and hessian set")
+    s, alpha, _ = awq_search(linear.weight, stats.abs_mean, stats.hessian, cfg)
+    q = quantize(linear.weight.detach().float() * s, cfg.quant)
+    return QuantLinear.from_linear(linear, q, input_scale=s, alpha=alpha)
+
+
+def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | None = None, **driver) -> nn.Module:
+    """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
+    cfg = cfg or AWQConfig()
+    return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,
+                          needs=("abs_mean", "hessian"), desc="AWQ", **driver)
