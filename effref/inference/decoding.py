@@ -23,6 +23,7 @@ Left out: batches of sequences (each accepts a different number of tokens: the s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -115,12 +116,14 @@ def _masked_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def forward_tokens(model: Llama, ids: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   mask: torch.Tensor | None = None, layers: Sequence[int] | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, T, V) and final hidden states (B, T, d_model) of T tokens appended to ``cache``.
 
     ``positions`` (T,) are the RoPE positions (default: consecutive after the cache); ``mask`` (T, R) bool says
     which of the last R keys (the new tokens are the last T of them) each new token may see; keys before those
     R are always visible. Without ``mask`` the new tokens form a causal chain, as in ``Llama.forward``.
+    ``layers`` (default: all) lists the blocks to run; the others are skipped (SkipDecode).
     """
     T = ids.shape[1]
     if positions is None:
@@ -133,7 +136,7 @@ def forward_tokens(model: Llama, ids: torch.Tensor, cache: KVCache, positions: t
     cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # (T, d_head) each
     mask = None if mask is None else mask.to(ids.device)
     x = model.embed(ids)  # (B, T, d_model)
-    for block in model.blocks:
+    for block in model.blocks if layers is None else [model.blocks[i] for i in layers]:
         x = x + _masked_attention(block.attn, block.attn_norm(x), cos, sin, cache, mask)
         x = x + block.mlp(block.mlp_norm(x))  # (B, T, d_model)
     cache.advance(T)

@@ -81,7 +81,7 @@ def train_medusa_heads(model: Llama, heads: MedusaHeads, ids: torch.Tensor, step
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
