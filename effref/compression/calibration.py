@@ -138,14 +138,18 @@ def _run_block(block: nn.Module, linears: dict[str, nn.Linear], records: list[tu
                ) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
     """Run ``block`` on every record with hooks on ``linears``; (statistics per name, block outputs)."""
     stats: dict[str, InputStats] = {}
-    seen: dict[tuple, InputStats] = {}  # (data_ptr, shape) of an input tensor within one batch -> its stats
+    # (data_ptr, shape) of an input tensor within one batch -> (the tensor, its stats). Holding the tensor keeps
+    # its memory from being reused by a later input of the same shape, which would alias two inputs.
+    seen: dict[tuple, tuple[torch.Tensor, InputStats]] = {}
     done: set[int] = set()
 
     def make_hook(name: str):
         def hook(module, inputs, output):
             x = inputs[0]
             if name not in stats:  # first batch decides which linears share an input
-                stats[name] = seen.setdefault((x.data_ptr(), tuple(x.shape)), InputStats())
+                stats[name] = seen.setdefault((x.data_ptr(), tuple(x.shape)), (x, InputStats()))[1]
+            else:
+                seen.setdefault((x.data_ptr(), tuple(x.shape)), (x, stats[name]))
             if id(stats[name]) not in done:
                 done.add(id(stats[name]))
                 stats[name].update(x, needs, keep * (x.shape[0] if x.ndim >= 3 else 1), generator)

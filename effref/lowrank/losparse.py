@@ -65,7 +65,8 @@ class LoSparseLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (n, d_in)
         idx = self.index.long()
         S = torch.sparse_coo_tensor(torch.stack([idx // self.in_features, idx % self.in_features]), self.values,
-                                    (self.out_features, self.in_features))
+                                    (self.out_features, self.in_features), check_invariants=False,
+                                    is_coalesced=True)  # indices are sorted and unique by construction
         return out + torch.sparse.mm(S, flat.T).T.reshape(out.shape)  # S x for every token
 
     def spec(self) -> dict:

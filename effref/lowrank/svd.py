@@ -100,13 +100,14 @@ def svd_factorize(linear: nn.Linear, rank: int, stats: InputStats | None = None,
 def svd_compress_model(model: nn.Module, ratio: float, whiten: bool = False,
                        calib_batches: torch.Tensor | None = None, stats: Mapping[str, InputStats] | None = None,
                        target: Callable[[str, nn.Module], bool] | None = None, damp: float = 0.01,
-                       **kwargs) -> dict[str, int]:
+                       rank_of: Mapping[str, int] | None = None, **kwargs) -> dict[str, int]:
     """Replace each target linear of the decoder blocks by a ``LowRankLinear`` keeping ``ratio`` of its
-    parameters (rank from ``rank_for_ratio``); whitened SVD if ``whiten`` (needs calibration). {name: rank}."""
+    parameters (rank from ``rank_for_ratio``, or ``rank_of[name]`` when given); whitened SVD if ``whiten``
+    (needs ``calib_batches`` or ``stats``). Returns {name: rank}."""
     ranks: dict[str, int] = {}
 
     def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LowRankLinear:
-        ranks[name] = rank_for_ratio(linear.out_features, linear.in_features, ratio)
+        ranks[name] = (rank_of or {}).get(name) or rank_for_ratio(linear.out_features, linear.in_features, ratio)
         return svd_factorize(linear, ranks[name], s if whiten else None, damp)
 
     map_linears(model, layer_fn, ("hessian",) if whiten else (), calib_batches, stats, target=target,

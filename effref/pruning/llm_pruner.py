@@ -129,7 +129,7 @@ def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
     Returns the new counts (heads, kv_heads, d_ff) and the kept indices (``kept_heads``, ``kept_kv``,
     ``kept_channels``, in the block's original numbering) of what was pruned.
     """
-    kept = {}
+    info: dict = {}
     p = block_parts(block)
     dh, n_heads, n_kv = p.d_head, p.n_heads, p.n_kv
     gs = n_heads // n_kv
@@ -159,15 +159,15 @@ def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
             p.attn.num_key_value_groups = len(heads) // len(kv_keep)
         if hasattr(p.attn, "n_kv_heads"):  # effref.models.llama.Attention
             p.attn.n_heads, p.attn.n_kv_heads = len(heads), len(kv_keep)
-        kept |= {"kept_heads": heads.tolist(), "kept_kv": kv_keep.tolist()}
+        info |= {"kept_heads": heads.tolist(), "kept_kv": kv_keep.tolist()}
     if cfg.prune_mlp:
         channel = sum(unit_scores(p.get(r), d, 1, cfg.importance) for r, d in (("gate", 0), ("up", 0), ("down", 1)))
         d_ff = channel.numel()
         keep = channel.topk(d_ff - min(round(cfg.ratio * d_ff), d_ff - 1)).indices.sort().values
         for role, dim in (("gate", 0), ("up", 0), ("down", 1)):
             p.set(role, _sliced(p.get(role), keep, dim))
-        kept["kept_channels"] = keep.tolist()
-    return block_shape(p) | kept
+        info["kept_channels"] = keep.tolist()
+    return block_shape(p) | info
 
 
 def block_shape(p: Parts) -> dict[str, int]:
@@ -177,7 +177,8 @@ def block_shape(p: Parts) -> dict[str, int]:
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (B, T) under ``model`` (either model class)."""
     logits = _logits(model, batch)  # (B, T, V)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
 
 def taylor_gradients(model: nn.Module, batches: torch.Tensor, batch_size: int = 2, progress: bool = True) -> None:
