@@ -7,8 +7,9 @@ rounding (and its input down by the same factor) shrinks its relative rounding e
     Ŵ(s) = Q(W · diag(s)) · diag(s)⁻¹                     what the quantized layer computes with
     s = s_x^α / sqrt(max(s_x^α) · min(s_x^α)),  s_x = mean |x| per input channel,
     α* = argmin_{α ∈ {0, 1/N, …, (N-1)/N}} ||X Wᵀ − X Ŵ(s)ᵀ||²      (Eq. 5, grid of N = 20)
-The objective is computed as tr(ΔW H ΔWᵀ) with H = XᵀX / n over all calibration tokens; α = 0 is plain RTN,
-so the search can only match or beat it on the calibration data.
+The objective is measured on a seeded subsample of the calibration tokens (the driver's "samples", at most
+512 rows by default), as the paper does with its calibration set; α = 0 is plain RTN, so the search can
+only match or beat RTN on those tokens.
 Glossary: s per-channel scale · s_x mean activation magnitude · α migration exponent · Q group-wise RTN (g = 128).
 Left out: folding diag(s)⁻¹ into the previous RMSNorm / linear (we keep s as an fp16 vector in the layer, the
 same function, 16 bits per input channel more), one shared s for q/k/v and gate/up, block-output losses,
@@ -46,14 +47,14 @@ def awq_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     return s.half().float()  # the stored value, so quantization sees exactly what the layer will use
 
 
-def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """||X ΔWᵀ||² / n = tr(ΔW H ΔWᵀ) for H = XᵀX / n."""
-    return ((delta @ hessian) * delta).sum()
+def output_error(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """||X ΔWᵀ||² / n for calibration rows X (n, C): the mean squared output change of the layer."""
+    return (x.float() @ delta.T).pow(2).sum() / x.shape[0]
 
 
-def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, hessian: torch.Tensor,
+def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, x: torch.Tensor,
                cfg: AWQConfig | None = None) -> tuple[torch.Tensor, float, list[float]]:
-    """Grid search of α for weight ``w`` (R, C): (best scale s (C,), best α, loss per grid point)."""
+    """Grid search of α for weight ``w`` (R, C) on inputs ``x`` (n, C): (best s (C,), best α, loss per α)."""
     cfg = cfg or AWQConfig()
     w = w.detach().float()
     losses, best = [], (None, 0.0, float("inf"))
@@ -61,7 +62,7 @@ def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, hessian: torch.Tensor,
         alpha = k / cfg.n_grid
         s = awq_scales(abs_mean, alpha)  # (C,)
         w_hat = quantize(w * s, cfg.quant).dequantize() / s  # Ŵ(s) = Q(W diag(s)) diag(s)⁻¹
-        loss = float(output_error(w_hat - w, hessian))
+        loss = float(output_error(w_hat - w, x))
         losses.append(loss)
         if loss < best[2]:
             best = (s, alpha, loss)
@@ -71,10 +72,10 @@ def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, hessian: torch.Tensor,
 def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = None) -> QuantLinear:
     """Layer-level AWQ: search α, store Q(W·diag(s)) and s (the layer divides by s when it dequantizes)."""
     cfg = cfg or AWQConfig()
-    if stats is None or stats.abs_mean is None or stats.hessian is None:
-        raise ValueError("AWQ needs the mean |x| and the Hessian of the layer's inputs; run it through "
-                         "awq_model with calib_batches, or pass LayerInputs with abs_mean and hessian set")
-    s, alpha, _ = awq_search(linear.weight, stats.abs_mean, stats.hessian, cfg)
+    if stats is None or stats.abs_mean is None or stats.samples is None:
+        raise ValueError("AWQ needs the mean |x| and sample rows of the layer's inputs; run it through "
+                         "awq_model with calib_batches, or pass LayerInputs with abs_mean and samples set")
+    s, alpha, _ = awq_search(linear.weight, stats.abs_mean, stats.samples, cfg)
     q = quantize(linear.weight.detach().float() * s, cfg.quant)
     return QuantLinear.from_linear(linear, q, input_scale=s, alpha=alpha)
 
@@ -83,4 +84,4 @@ def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | No
     """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
     cfg = cfg or AWQConfig()
     return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,
-                          needs=("abs_mean", "hessian"), desc="AWQ", **driver)
+                          needs=("abs_mean", "samples"), desc="AWQ", **driver)

@@ -18,7 +18,7 @@ def _salient_problem(seed=0, rows=64, cols=256, n=2048):
 
 
 def _stats(x):
-    return LayerInputs(n_tokens=len(x), hessian=x.T @ x / len(x), abs_mean=x.abs().mean(0))
+    return LayerInputs(n_tokens=len(x), samples=x, abs_mean=x.abs().mean(0))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.95])
@@ -32,16 +32,16 @@ def test_scaling_is_function_preserving_before_rounding(alpha):
 def test_output_error_is_the_mean_squared_output_difference():
     w, x = _salient_problem()
     delta = torch.randn_like(w) * 1e-3
-    expected = (x @ delta.T).pow(2).sum() / len(x)
-    torch.testing.assert_close(output_error(delta, x.T @ x / len(x)), expected, rtol=1e-4, atol=0)
+    expected = torch.trace(delta @ (x.T @ x / len(x)) @ delta.T)  # the same, through the Hessian
+    torch.testing.assert_close(output_error(delta, x), expected, rtol=1e-4, atol=0)
 
 
 def test_alpha_zero_is_rtn_and_the_search_never_loses_to_it():
     w, x = _salient_problem(seed=1)
     qcfg = QuantConfig(3, "group", 128)
-    _s, _alpha, losses = awq_search(w, x.abs().mean(0), x.T @ x / len(x), AWQConfig(qcfg))
+    _s, _alpha, losses = awq_search(w, x.abs().mean(0), x, AWQConfig(qcfg))
     rtn = quantize(w, qcfg).dequantize()
-    assert losses[0] == pytest.approx(float(output_error(rtn - w, x.T @ x / len(x))), rel=1e-6)
+    assert losses[0] == pytest.approx(float(output_error(rtn - w, x)), rel=1e-6)
     assert len(losses) == 20 and min(losses) <= losses[0]
 
 
@@ -70,7 +70,7 @@ def _linear(w):
     (lambda: AWQConfig(n_grid=0), ValueError, "n_grid=0 must be ≥ 1"),
     (lambda: AWQConfig(quant="w4"), TypeError, "quant must be a QuantConfig"),
     (lambda: awq_layer(_linear(torch.randn(4, 8)), None), ValueError, "AWQ needs the mean"),
-    (lambda: awq_layer(_linear(torch.randn(4, 8)), LayerInputs(hessian=torch.eye(8))), ValueError, "AWQ needs"),
+    (lambda: awq_layer(_linear(torch.randn(4, 8)), LayerInputs(abs_mean=torch.ones(8))), ValueError, "AWQ needs"),
 ])
 def test_bad_arguments_fail_with_clear_messages(call, error, message):
     with pytest.raises(error, match=message):

@@ -46,7 +46,7 @@ def _mixed(name, linear, stats):
 def test_every_layout_survives_a_save_load_round_trip_exactly(tmp_path):
     model = load_model("tiny-llama", seed=0).model
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    quantize_model(model, _mixed, calib, needs=("hessian", "abs_max", "abs_mean"), progress=False)
+    quantize_model(model, _mixed, calib, needs=("hessian", "abs_max", "abs_mean", "samples"), progress=False)
     path = tmp_path / "tiny.safetensors"
     size = save_quantized(model, path)
     skeleton = load_model("tiny-llama", seed=1).model  # different random weights everywhere
