@@ -56,15 +56,12 @@ def layer_skip_draft(model: Llama, keep: int | Sequence[int], lens: nn.Module | 
     return draft
 
 
-def _final_residuals(model: Llama, ids: torch.Tensor) -> torch.Tensor:
-    """The residual stream entering ``model.norm``, (B·T, d_model)."""
-    seen = []
-    handle = model.norm.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
-    try:
-        model(ids)
-    finally:
-        handle.remove()
-    return seen[-1].reshape(-1, seen[-1].shape[-1])
+def _run_blocks(model: Llama, x: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """The residual stream (B, T, d_model) after running ``layers`` of ``model`` on x, without a cache."""
+    cos, sin = model.rope_cos[:x.shape[1]], model.rope_sin[:x.shape[1]]  # (T, d_head) each
+    for i in layers:
+        x = model.blocks[i](x, cos, sin)
+    return x
 
 
 @torch.no_grad()
@@ -75,13 +72,17 @@ def fit_lens(model: Llama, keep: int | Sequence[int], calib_ids: torch.Tensor, r
                          f"{2 * model.cfg.d_model} tokens for a well-posed {model.cfg.d_model}² fit")
     if ridge < 0:
         raise ValueError(f"ridge={ridge} must be >= 0")
-    x = _final_residuals(layer_skip_draft(model, keep), calib_ids).double()  # (N, d) draft residuals
-    y = _final_residuals(model, calib_ids).double()  # (N, d) target residuals
+    layers, d = _as_layers(model, keep), model.cfg.d_model
+    h = _run_blocks(model, model.embed(calib_ids), layers)  # (B, T, d) the draft's residual stream
+    if layers == list(range(len(layers))):  # a prefix of the blocks: the target continues from h
+        y = _run_blocks(model, h, range(len(layers), model.cfg.n_layers))
+    else:
+        y = _run_blocks(model, model.embed(calib_ids), range(model.cfg.n_layers))
+    x, y = h.reshape(-1, d).double(), y.reshape(-1, d).double()  # (N, d) draft and target residuals
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)  # (N, d + 1)
     gram = x.T @ x  # (d + 1, d + 1)
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(gram, x.T @ y)  # (d + 1, d): [Aᵀ; b]
-    d = model.cfg.d_model
     lens = nn.Linear(d, d).to(device=calib_ids.device, dtype=model.embed.weight.dtype)
     lens.weight.copy_(solution[:d].T)
     lens.bias.copy_(solution[d])

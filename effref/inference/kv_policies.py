@@ -34,7 +34,6 @@ import math
 import torch
 
 from effref.models.llama import Attention, KVCache, Llama, apply_rope
-from effref.runtime import progress_bar
 
 
 class EvictingCache(KVCache):
@@ -90,6 +89,14 @@ class EvictingCache(KVCache):
             self.observe(layer, attention_weights(self.queries.pop(layer), keys))
         return keys, values
 
+    @property
+    def wants_queries(self) -> bool:
+        return self.needs_attention
+
+    def receive_queries(self, layer: int, q: torch.Tensor) -> None:
+        """Called by the query hook with the rotated queries (B, n_heads, T, d_head) of ``layer``."""
+        self.queries[layer] = q
+
     def observe(self, layer: int, attn: torch.Tensor) -> None:
         """Record attention (B, H, T, S): group-averaged probabilities of the T new queries over S keys."""
 
@@ -140,10 +147,10 @@ def attention_weights(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
 
 def _hand_queries_to_cache(attn: Attention, args: tuple) -> None:
     x, cos, sin, cache = (list(args) + [None])[:4]
-    if isinstance(cache, EvictingCache) and cache.needs_attention:
+    if getattr(cache, "wants_queries", False):  # a scoring cache (or a stack holding one)
         B, T, _ = x.shape
         q = attn.q_proj(x).view(B, T, attn.n_heads, attn.d_head).transpose(1, 2)  # (B, n_heads, T, d_head)
-        cache.queries[attn.layer] = apply_rope(q, cos, sin)
+        cache.receive_queries(attn.layer, apply_rope(q, cos, sin))
 
 
 def install_query_hooks(model: Llama) -> None:
@@ -234,18 +241,3 @@ class ScissorhandsCache(EvictingCache):
         order = torch.arange(n, device=count.device, dtype=torch.double) / (n + 1)  # ties: keep the newer
         keep = self.budget - self.batch_drop + 1
         return _newest_and_best(order - count, n, keep, self.recent)
-
-
-@torch.no_grad()
-def decode_nll(model: Llama, ids: torch.Tensor, cache: KVCache, prefill: int = 1,
-               progress: bool = True) -> torch.Tensor:
-    """Per-token NLL (B, W − 1) of ids (B, W), decoding through ``cache`` one token at a time after a
-    ``prefill``-token first pass (exact for an evicting cache when prefill ≤ budget: nothing is evicted yet)."""
-    if ids.ndim != 2 or not 1 <= prefill < ids.shape[1]:
-        raise ValueError(f"ids {tuple(ids.shape)} and prefill={prefill}: need (B, W) and 1 <= prefill < W")
-    logits = [model(ids[:, :prefill], cache)]  # (B, prefill, V)
-    for t in progress_bar(range(prefill, ids.shape[1] - 1), desc=type(cache).__name__, leave=False,
-                          disable=not progress):
-        logits.append(model(ids[:, t:t + 1], cache))  # (B, 1, V)
-    logp = torch.cat(logits, dim=1).float().log_softmax(-1)  # (B, W − 1, V)
-    return -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B, W − 1)

@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from effref.inference.kv_eval import CacheStack, decode_greedy, decode_nll
 from effref.inference.kv_policies import (
     EvictingCache,
     H2OCache,
     ScissorhandsCache,
     StreamingCache,
     attention_weights,
-    decode_nll,
 )
 from effref.models.llama import KVCache
 
@@ -148,6 +148,29 @@ def test_every_layer_keeps_exactly_its_budget_in_our_llama(tiny_llama, random_id
     nll = decode_nll(model, ids, cls.for_model(model, 2, budget=8, **knobs), prefill=5, progress=False)
     full = decode_nll(model, ids, KVCache(3, 2, 2, 8, 24), prefill=5, progress=False)
     assert torch.equal(nll[:, :7], full[:, :7]) and not torch.equal(nll, full)  # same until the first eviction
+
+
+def test_a_stack_of_policies_equals_each_policy_alone(tiny_llama, random_ids) -> None:
+    model, ids = tiny_llama(scale=1.0), random_ids(2, 20)
+    alone = [decode_nll(model, ids, cls.for_model(model, 2, budget=6, **knobs), prefill=3, progress=False)
+             for cls, knobs in POLICIES]
+    stack = CacheStack([cls.for_model(model, 2, budget=6, **knobs) for cls, knobs in POLICIES])
+    together = decode_nll(model, ids.repeat(3, 1), stack, prefill=3, progress=False)  # (6, 19)
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+    prompt = ids[:, :8]
+    stack = CacheStack([cls.for_model(model, 2, budget=6, **knobs) for cls, knobs in POLICIES])
+    generated = decode_greedy(model, prompt.repeat(3, 1), 6, stack, progress=False)
+    for i, (cls, knobs) in enumerate(POLICIES):
+        single = decode_greedy(model, prompt, 6, cls.for_model(model, 2, budget=6, **knobs), progress=False)
+        assert torch.equal(generated[2 * i:2 * i + 2], single)
+
+
+def test_a_stack_of_different_budgets_is_rejected(tiny_llama, random_ids) -> None:
+    model = tiny_llama(scale=1.0)
+    stack = CacheStack([StreamingCache.for_model(model, 1, budget=4, sinks=1),
+                        StreamingCache.for_model(model, 1, budget=6, sinks=1)])
+    with pytest.raises(ValueError, match="same number of keys"):
+        decode_nll(model, random_ids(2, 12), stack, prefill=3, progress=False)
 
 
 @pytest.mark.parametrize("make, error, message", [
