@@ -8,7 +8,9 @@ Each example is  ``passage + "\\nNovel:"``  and its label is the next token: the
 short title (" Emma", " Persuasion", " Pride", " Sense", " Mansfield", " Northanger" — six different
 tokens for the SmolLM2 tokenizer). The classifier is the language model itself: the predicted class is the
 verbaliser with the highest log-likelihood at the last position, so accuracy is measured with no new head
-(chance = 1/6) and training is plain next-token cross-entropy on the label token.
+(chance = 1/6). Training minimises the cross-entropy of the label token normalised over the six
+verbalisers (the model learns to discriminate in a few steps; ``task_loss(..., over="vocab")`` is the
+plain next-token loss over the whole vocabulary).
 
 Training loop — ``train(model, task, steps, lr, batch_size, optimizer)`` runs ``steps`` optimiser steps on
 batches drawn (seeded) from the training passages, over the parameters that have ``requires_grad``. It
@@ -25,6 +27,7 @@ has the same length), learning-rate schedules, gradient accumulation, mixed prec
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -150,8 +153,13 @@ def byte_tokenizer(text: str, add_special_tokens: bool = False) -> dict[str, lis
 
 
 def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits after the last position, (B, V), computing the LM head only there when possible."""
-    if _is_hf(model) or getattr(model, "supports_logits_to_keep", False):
+    """Next-token logits after the last position, (B, V), computing the LM head only there when possible.
+
+    ``ids`` are token ids (B, T), or hidden states (B, T, d) for a model made by ``split_top_layers``.
+    """
+    if ids.is_floating_point():
+        out = model(inputs_embeds=ids, use_cache=False, logits_to_keep=1)
+    elif _is_hf(model) or getattr(model, "supports_logits_to_keep", False):
         out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
     else:
         out = model(ids)
@@ -159,10 +167,17 @@ def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits[:, -1]  # (B, V)
 
 
-def task_loss(model: nn.Module, task: NovelTask, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the label token over the whole vocabulary (plain next-token loss)."""
+def task_loss(model: nn.Module, task: NovelTask, ids: torch.Tensor, labels: torch.Tensor,
+              over: str = "classes") -> torch.Tensor:
+    """Cross-entropy of the label token, normalised over the C verbalisers (``over="classes"``, the default)
+    or over the whole vocabulary (``over="vocab"``, plain next-token loss)."""
     logits = last_logits(model, ids).float()  # (B, V)
-    return F.cross_entropy(logits, task.label_ids.to(logits.device)[labels.to(logits.device)])
+    label_ids, labels = task.label_ids.to(logits.device), labels.to(logits.device)
+    if over == "classes":
+        return F.cross_entropy(logits[:, label_ids], labels)  # (B, C) scores of the verbalisers
+    if over == "vocab":
+        return F.cross_entropy(logits, label_ids[labels])
+    raise ValueError(f"over={over!r} must be 'classes' or 'vocab'")
 
 
 @torch.no_grad()
@@ -182,6 +197,51 @@ def evaluate(model: nn.Module, task: NovelTask, batch_size: int = 16, split: str
     finally:
         model.train(was_training)
     return correct / len(ids)
+
+
+@torch.no_grad()
+def split_top_layers(model: nn.Module, task: NovelTask, n_top: int, batch_size: int = 16,
+                     progress: bool = True) -> tuple[nn.Module, NovelTask]:
+    """Cut a transformers LLaMA after layer L − n_top: (a model of the top ``n_top`` layers, the task as hidden states).
+
+    The bottom layers are frozen in every method of a fine-tuning comparison that only adapts the top
+    layers, so their outputs are computed once here and the training loop runs (and back-propagates)
+    through the top layers only. The returned model is a ``LlamaForCausalLM`` of ``n_top`` layers that
+    *shares* the top layers, final norm and LM head with ``model`` and is fed the cached hidden states as
+    ``inputs_embeds``: its logits equal the full model's (a test checks this). Every example's hidden
+    states are (T, d) floats, so the task's ids become (n, T, d).
+    """
+    from transformers import LlamaForCausalLM
+
+    if not _is_hf(model) or not hasattr(model, "model") or not hasattr(model.model, "layers"):
+        raise TypeError(f"split_top_layers needs a transformers LlamaForCausalLM, got {type(model).__name__}")
+    n_layers = len(model.model.layers)
+    if not 1 <= n_top <= n_layers:
+        raise ValueError(f"n_top={n_top} must be in [1, {n_layers}] (the model's layers)")
+    inner, device = model.model, _model_device(model)
+    saved = inner.layers, inner.norm
+    inner.layers, inner.norm = nn.ModuleList(saved[0][:n_layers - n_top]), nn.Identity()
+    try:
+        hidden = {}
+        for split, ids in (("train", task.train_ids), ("test", task.test_ids)):
+            chunks = []
+            bar = progress_bar(range(0, len(ids), batch_size), desc=f"bottom {n_layers - n_top} layers, {split}",
+                               disable=not progress)
+            for i in bar:
+                chunks.append(inner(input_ids=ids[i:i + batch_size].to(device), use_cache=False).last_hidden_state)
+            hidden[split] = torch.cat(chunks)  # (n, T, d)
+    finally:
+        inner.layers, inner.norm = saved
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = n_top
+    top = LlamaForCausalLM(config).to(device=device, dtype=next(model.parameters()).dtype)
+    top.model.layers = nn.ModuleList(saved[0][n_layers - n_top:])
+    top.model.norm, top.model.rotary_emb = inner.norm, inner.rotary_emb
+    top.model.embed_tokens, top.lm_head = inner.embed_tokens, model.lm_head
+    top.eval()
+    cached = NovelTask(task.classes, task.label_ids, hidden["train"], task.train_labels, hidden["test"],
+                       task.test_labels, task.passage_tokens, task.suffix)
+    return top, cached
 
 
 @dataclass
@@ -229,7 +289,7 @@ def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: 
     device = _model_device(model)
     opt = _make_optimizer(optimizer, params, lr, weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    n, T = task.train_ids.shape
+    n, T = task.train_ids.shape[:2]
     epochs = -(-steps * batch_size // n)  # ceil: each epoch visits every training passage once, reshuffled
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(epochs)])  # (epochs·n,)
     losses: list[float] = []
