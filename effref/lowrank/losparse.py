@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from effref.compression.calibration import InputStats, map_linears
-from effref.lowrank.svd import LowRankLinear, rank_for_ratio, truncated_svd
+from effref.lowrank.svd import LowRankLinear, cached_factors, rank_for_ratio, truncated_svd
 
 STRUCTURES = ("element", "column")
 
@@ -79,14 +79,17 @@ class LoSparseLinear(nn.Module):
 
 
 def losparse_factorize(linear: nn.Linear, rank: int, sparse_fraction: float, structure: str = "element",
-                       stats: InputStats | None = None) -> LoSparseLinear:
-    """W ≈ B A + S: rank-``rank`` SVD plus the top ``sparse_fraction`` of the residual (entries or columns)."""
+                       stats: InputStats | None = None, factors: tuple[torch.Tensor, ...] | None = None,
+                       ) -> LoSparseLinear:
+    """W ≈ B A + S: rank-``rank`` SVD plus the top ``sparse_fraction`` of the residual (entries or columns).
+
+    ``factors``: a previous plain ``svd_factors(W)`` to reuse."""
     if not 0 <= sparse_fraction <= 1:
         raise ValueError(f"sparse_fraction={sparse_fraction} must be in [0, 1] (share of the residual kept)")
     if linear.bias is not None:
         raise ValueError("LoSparse here expects bias-free linears (LLaMA); fold the bias elsewhere first")
     W = linear.weight.detach()
-    B, A, _ = truncated_svd(W, rank)
+    B, A, _ = truncated_svd(W, rank, factors=factors)
     R = W - B @ A  # (out, in) residual
     x_norm = (stats.sq_mean.sqrt() if stats is not None and stats.sq_mean is not None
               else torch.ones(W.shape[1], device=W.device)).to(R)  # (in,)
@@ -110,14 +113,17 @@ def losparse_factorize(linear: nn.Linear, rank: int, sparse_fraction: float, str
 def losparse_compress_model(model: nn.Module, rank_ratio: float, sparse_fraction: float,
                             structure: str = "element", calib_batches: torch.Tensor | None = None,
                             stats: Mapping[str, InputStats] | None = None,
-                            target: Callable[[str, nn.Module], bool] | None = None, **kwargs) -> dict[str, int]:
+                            target: Callable[[str, nn.Module], bool] | None = None, cache: dict | None = None,
+                            **kwargs) -> dict[str, int]:
     """Replace each target block linear by a ``LoSparseLinear``; the rank keeps ``rank_ratio`` of its
-    parameters. Activation-weighted importance when ``stats``/``calib_batches`` are given. {name: rank}."""
+    parameters. Activation-weighted importance when ``stats``/``calib_batches`` are given; ``cache`` as in
+    ``svd_compress_model`` (plain SVDs, shared with it). {name: rank}."""
     ranks: dict[str, int] = {}
 
     def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LoSparseLinear:
         ranks[name] = rank_for_ratio(linear.out_features, linear.in_features, rank_ratio)
-        return losparse_factorize(linear, ranks[name], sparse_fraction, structure, s)
+        factors = cached_factors(cache, name, linear.weight.detach())
+        return losparse_factorize(linear, ranks[name], sparse_fraction, structure, s, factors)
 
     needs = ("sq_mean",) if calib_batches is not None or stats is not None else ()
     map_linears(model, layer_fn, needs, calib_batches, stats, target=target, desc="losparse", **kwargs)

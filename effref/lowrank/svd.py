@@ -62,31 +62,53 @@ def rank_for_ratio(rows: int, cols: int, ratio: float) -> int:
     return max(1, min(min(rows, cols), int(ratio * rows * cols / (rows + cols))))
 
 
-def truncated_svd(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = None,
-                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(B (out, r), A (r, in), σ all singular values): Ŵ = B A; whitened by ``hessian`` (in, in) if given."""
+def svd_factors(weight: torch.Tensor, hessian: torch.Tensor | None = None, damp: float = 0.01,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full-rank factors (B = U Σ (out, k), A = Vᵀ or Vᵀ S⁻¹ (k, in), σ (k,)), float64, k = min(out, in).
+
+    Any rank r is then the slice (B[:, :r], A[:r]): one SVD serves a whole sweep of ranks.
+    """
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    check_rank(rank, *weight.shape)
     W = weight.double()  # (out, in)
     if hessian is None:
         U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)  # W = U Σ Vᵀ
-        A = Vh[:rank]  # (r, in)
-    else:
-        if hessian.shape != (W.shape[1], W.shape[1]):
-            raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({W.shape[1]}, {W.shape[1]}) "
-                             "for this layer's inputs")
-        S = torch.linalg.cholesky(damped_hessian(hessian, damp)[0])  # (in, in) lower, H = S Sᵀ
-        U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)  # W S = U Σ Vᵀ
-        A = torch.linalg.solve_triangular(S, Vh[:rank], upper=False, left=False)  # A S = V_rᵀ: (r, in)
-    B = U[:, :rank] * sigma[:rank]  # (out, r) U_r Σ_r
-    return B.to(weight.dtype), A.to(weight.dtype), sigma
+        return U * sigma, Vh, sigma
+    if hessian.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"hessian has shape {tuple(hessian.shape)}, expected ({W.shape[1]}, {W.shape[1]}) "
+                         "for this layer's inputs")
+    S = torch.linalg.cholesky(damped_hessian(hessian.to(W.device), damp)[0])  # (in, in) lower, H = S Sᵀ
+    U, sigma, Vh = torch.linalg.svd(W @ S, full_matrices=False)  # W S = U Σ Vᵀ
+    return U * sigma, torch.linalg.solve_triangular(S, Vh, upper=False, left=False), sigma  # A S = Vᵀ
 
 
-def svd_factorize(linear: nn.Linear, rank: int, stats: InputStats | None = None,
-                  damp: float = 0.01) -> LowRankLinear:
+def cached_factors(cache: dict | None, name: str, weight: torch.Tensor, hessian: torch.Tensor | None = None,
+                   damp: float = 0.01) -> tuple[torch.Tensor, ...] | None:
+    """``svd_factors`` memoised in ``cache`` under (name, whitened?, damp); None when ``cache`` is None."""
+    if cache is None:
+        return None
+    key = (name, hessian is not None, damp if hessian is not None else None)
+    if key not in cache:
+        cache[key] = svd_factors(weight, hessian, damp)
+    return cache[key]
+
+
+def truncated_svd(weight: torch.Tensor, rank: int, hessian: torch.Tensor | None = None, damp: float = 0.01,
+                  factors: tuple[torch.Tensor, ...] | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B (out, r), A (r, in), σ all singular values): Ŵ = B A; whitened by ``hessian`` (in, in) if given.
+
+    ``factors`` = a previous ``svd_factors`` result for the same weight, to skip the SVD.
+    """
+    check_rank(rank, *weight.shape)
+    B, A, sigma = factors if factors is not None else svd_factors(weight, hessian, damp)
+    return B[:, :rank].to(weight.dtype), A[:rank].to(weight.dtype), sigma
+
+
+def svd_factorize(linear: nn.Linear, rank: int, stats: InputStats | None = None, damp: float = 0.01,
+                  factors: tuple[torch.Tensor, ...] | None = None) -> LowRankLinear:
     """A ``LowRankLinear`` approximating ``linear``: plain SVD, or whitened when ``stats`` has a hessian."""
-    B, A, _ = truncated_svd(linear.weight.detach(), rank, None if stats is None else stats.hessian, damp)
+    B, A, _ = truncated_svd(linear.weight.detach(), rank, None if stats is None else stats.hessian, damp, factors)
     new = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None)
     new = new.to(device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
@@ -100,15 +122,19 @@ def svd_factorize(linear: nn.Linear, rank: int, stats: InputStats | None = None,
 def svd_compress_model(model: nn.Module, ratio: float, whiten: bool = False,
                        calib_batches: torch.Tensor | None = None, stats: Mapping[str, InputStats] | None = None,
                        target: Callable[[str, nn.Module], bool] | None = None, damp: float = 0.01,
-                       rank_of: Mapping[str, int] | None = None, **kwargs) -> dict[str, int]:
+                       rank_of: Mapping[str, int] | None = None, cache: dict | None = None,
+                       **kwargs) -> dict[str, int]:
     """Replace each target linear of the decoder blocks by a ``LowRankLinear`` keeping ``ratio`` of its
     parameters (rank from ``rank_for_ratio``, or ``rank_of[name]`` when given); whitened SVD if ``whiten``
-    (needs ``calib_batches`` or ``stats``). Returns {name: rank}."""
+    (needs ``calib_batches`` or ``stats``). ``cache`` (a dict kept by the caller) memoises each layer's full
+    SVD, so a sweep over ratios on the same dense weights pays for one SVD per layer. Returns {name: rank}."""
     ranks: dict[str, int] = {}
 
     def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LowRankLinear:
         ranks[name] = (rank_of or {}).get(name) or rank_for_ratio(linear.out_features, linear.in_features, ratio)
-        return svd_factorize(linear, ranks[name], s if whiten else None, damp)
+        hessian = s.hessian if whiten and s is not None else None
+        factors = cached_factors(cache, name, linear.weight.detach(), hessian, damp)
+        return svd_factorize(linear, ranks[name], s if whiten else None, damp, factors)
 
     map_linears(model, layer_fn, ("hessian",) if whiten else (), calib_batches, stats, target=target,
                 desc="svd", **kwargs)

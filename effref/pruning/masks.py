@@ -76,9 +76,13 @@ def split_count(k: int, sizes: list[int]) -> list[int]:
 
 def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k smallest entries of ``scores`` (ties broken by position, deterministic)."""
-    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        mask[torch.argsort(scores.reshape(-1), stable=True)[:k]] = True
+    flat = scores.reshape(-1)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = flat.kthvalue(k).values  # the k-th smallest score: O(n), no full sort
+    mask = flat < kth
+    ties = torch.nonzero(flat == kth).flatten()[:k - int(mask.sum())]  # fill up with ties, lowest index first
+    mask[ties] = True
     return mask.view_as(scores)
 
 
