@@ -6,7 +6,16 @@ import random
 import pytest
 import torch
 
-from effref.finetune import byte_tokenizer, evaluate, novel_task, toy_task, train
+from effref.finetune import (
+    byte_tokenizer,
+    evaluate,
+    last_logits,
+    novel_task,
+    split_top_layers,
+    task_loss,
+    toy_task,
+    train,
+)
 from effref.models import load_model
 
 
@@ -93,3 +102,30 @@ def test_train_refuses_a_fully_frozen_model():
     model = load_model("tiny-llama", seed=0).model.requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         train(model, small_task(), steps=1, lr=1e-3, progress=False)
+
+
+def test_split_top_layers_gives_the_full_models_logits_and_shares_weights():
+    model = load_model("tiny-llama", seed=0).model
+    task = toy_task()
+    top, cached = split_top_layers(model, task, n_top=1, progress=False)
+    assert cached.train_ids.shape == (*task.train_ids.shape, 64)
+    torch.testing.assert_close(last_logits(top, cached.test_ids), last_logits(model, task.test_ids))
+    assert evaluate(top, cached) == evaluate(model, task)
+    assert top.model.layers[0] is model.model.layers[1] and top.lm_head is model.lm_head
+    with pytest.raises(ValueError, match="n_top=3"):
+        split_top_layers(model, task, n_top=3, progress=False)
+    with pytest.raises(TypeError, match="LlamaForCausalLM"):
+        split_top_layers(load_model("tiny-llama", impl="effref").model, task, 1, progress=False)
+
+
+def test_vocabulary_loss_differs_from_class_loss():
+    model = load_model("tiny-llama", seed=0).model
+    task = toy_task()
+    x, y = task.train_ids[:4], task.train_labels[:4]
+    logits = model(x).logits[:, -1]
+    full = torch.nn.functional.cross_entropy(logits, task.label_ids[y])
+    classes = torch.nn.functional.cross_entropy(logits[:, task.label_ids], y)
+    torch.testing.assert_close(task_loss(model, task, x, y, over="vocab"), full)
+    torch.testing.assert_close(task_loss(model, task, x, y), classes)
+    with pytest.raises(ValueError, match="over='all'"):
+        task_loss(model, task, x, y, over="all")
