@@ -1,0 +1,139 @@
+"""The W8A8 kernel against exact integer arithmetic, the dynamic int8 quantizer's error bound, the bench entry."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels.w8a8 import (
+    BENCHMARK,
+    MAX_K,
+    quantize_rows_int8,
+    w8a8_bytes,
+    w8a8_linear,
+    w8a8_matmul,
+    w8a8_reference,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
+
+
+def make(M: int, N: int, K: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x_q = torch.randint(-128, 128, (M, K), generator=gen).to(torch.int8)
+    w_q = torch.randint(-128, 128, (N, K), generator=gen).to(torch.int8)
+    sx = torch.rand(M, generator=gen) + 0.01
+    sw = torch.rand(N, generator=gen) + 0.01
+    return x_q, w_q, sx, sw
+
+
+def test_reference_integer_product_is_exact():
+    x_q, w_q, _sx, _sw = make(5, 7, 300)
+    exact = x_q.long() @ w_q.long().t()  # (5, 7) int64 on the CPU, no floating point at all
+    ref = w8a8_reference(x_q, w_q, torch.ones(5), torch.ones(7), torch.float32)
+    assert torch.equal(ref.long(), exact)
+
+
+@needs_triton
+@pytest.mark.parametrize("M, N, K", [(1, 64, 128), (33, 80, 200), (16, 16, 32), (65, 130, 257)])
+def test_kernel_is_bitwise_equal_to_reference_in_fp32(M, N, K):
+    x_q, w_q, sx, sw = make(M, N, K)
+    y = w8a8_matmul(x_q, w_q, sx, sw, out_dtype=torch.float32)
+    assert torch.equal(y, w8a8_reference(x_q, w_q, sx, sw, torch.float32))
+
+
+@needs_triton
+def test_extreme_codes_do_not_overflow():
+    K = 4096
+    x_q = torch.full((2, K), -128, dtype=torch.int8)
+    w_q = torch.full((3, K), -128, dtype=torch.int8)
+    y = w8a8_matmul(x_q, w_q, torch.ones(2), torch.ones(3), out_dtype=torch.float32)
+    assert (y == 128 * 128 * K).all()  # 67,108,864: exact in int32 and in fp32 (a power of two)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_outputs_round_once(dtype):
+    x_q, w_q, sx, sw = make(9, 40, 96)
+    sx = sx * 1e-3  # keep |y| inside the fp16 range
+    y = w8a8_matmul(x_q, w_q, sx, sw, out_dtype=dtype)
+    ulp = 2.0 ** -10 if dtype == torch.float16 else 2.0 ** -7
+    torch.testing.assert_close(y.float(), w8a8_reference(x_q, w_q, sx, sw, torch.float32), atol=0, rtol=ulp)
+
+
+def test_row_quantizer_error_is_at_most_half_a_step():
+    t = torch.randn(20, 64) * torch.logspace(-3, 2, 20)[:, None]  # rows of very different magnitude
+    t[3] = 0.0
+    codes, scale = quantize_rows_int8(t)
+    assert codes.dtype == torch.int8 and codes.abs().max() <= 127
+    assert torch.equal(scale[3], torch.tensor(1.0)) and (codes[3] == 0).all()
+    err = (codes.float() * scale[:, None] - t).abs()
+    assert (err <= scale[:, None] / 2 * (1 + 1e-5)).all()
+    assert torch.equal(codes.abs().amax(dim=1)[t.abs().amax(1) > 0], torch.full((19,), 127, dtype=torch.int8))
+
+
+@needs_triton
+def test_w8a8_linear_within_the_int8_error_bound():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 128, generator=gen)
+    w = 0.05 * torch.randn(48, 128, generator=gen)
+    w_q, w_scale = quantize_rows_int8(w)
+    y = w8a8_linear(x, w_q, w_scale)
+    assert y.shape == (2, 6, 48) and y.dtype == torch.float32
+    x2 = x.reshape(12, 128)
+    _, x_scale = quantize_rows_int8(x2)
+    # Σ (x − x̂) w + x̂ (w − ŵ):  |·| ≤ a/2 · Σ|w| + b/2 · Σ|x̂|, with x̂ ≤ |x| + a/2
+    bound = x_scale[:, None] / 2 * w.abs().sum(1)[None, :] + \
+        (x2.abs() + x_scale[:, None] / 2).sum(1)[:, None] * w_scale[None, :] / 2
+    err = (y.reshape(12, 48) - x2 @ w.t()).abs()
+    assert (err <= bound + 1e-5).all()
+    assert err.max() > 0  # it really is quantized
+
+
+BAD = [
+    ("x float", {"x_q": torch.ones(2, 64)}, ValueError, r"x_q must be a 2-D int8 tensor"),
+    ("w 3-D", {"w_q": torch.ones(1, 8, 64, dtype=torch.int8)}, ValueError, r"w_q must be a 2-D int8"),
+    ("K mismatch", {"w_q": torch.ones(8, 32, dtype=torch.int8)}, ValueError, r"disagree on K"),
+    ("x_scale length", {"x_scale": torch.ones(3)}, ValueError, r"x_scale must be a float32 vector of length 2"),
+    ("w_scale half", {"w_scale": torch.ones(8).half()}, ValueError, r"w_scale must be a float32 vector"),
+    ("out int", {"out_dtype": torch.int32}, TypeError, r"out_dtype=torch\.int32 is not supported"),
+    ("scale list", {"x_scale": [1.0, 1.0]}, TypeError, r"x_scale must be a torch\.Tensor"),
+    ("w on meta", {"w_q": torch.ones(8, 64, dtype=torch.int8, device="meta")}, ValueError, r"w_q is on meta"),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case, change, error, message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_are_refused_with_a_fix(case, change, error, message):
+    args = {"x_q": torch.ones(2, 64, dtype=torch.int8), "w_q": torch.ones(8, 64, dtype=torch.int8),
+                "x_scale": torch.ones(2), "w_scale": torch.ones(8), "out_dtype": torch.float16}
+    with pytest.raises(error, match=message):
+        w8a8_matmul(**{**args, **change})
+
+
+def test_k_limit_is_the_int32_limit():
+    assert MAX_K * 128 ** 2 < 2 ** 31 <= (MAX_K + 1) * 128 ** 2
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096, 4096), (33, 80, 200)])
+def test_roofline_bytes_match_the_tensors(shape):
+    x_q, w_q, sx, sw, _x16, _w16 = BENCHMARK.make_inputs(shape, torch.float16, torch.device("cpu"))
+    y_bytes = shape[0] * shape[1] * 2
+    assert w8a8_bytes(shape, torch.float16) == x_q.nbytes + w_q.nbytes + sx.nbytes + sw.nbytes + y_bytes
+
+
+@needs_triton
+def test_bench_check_runs_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    command = [sys.executable, "-m", "kernels.bench", "--check", "--only", "w8a8", "--out", str(out)]
+    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    checked = {tuple(r["shape"]) for r in json.loads(out.read_text())["results"]}
+    assert checked == {tuple(s) for s in BENCHMARK.check_shapes}
