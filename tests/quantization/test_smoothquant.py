@@ -1,0 +1,111 @@
+"""SmoothQuant: smoothing is function-preserving, equalises activation and weight maxima, and helps W8A8."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from effref.models import load_model
+from effref.models.llama import Llama
+from effref.quantization.smoothquant import (
+    SmoothQuantConfig,
+    apply_channel_transform,
+    collect_group_stats,
+    group_weight_abs_max,
+    smooth_model,
+    smoothing_factors,
+    smoothing_groups,
+    smoothquant_model,
+)
+from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
+
+IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+
+def outlier_model(impl: str) -> nn.Module:
+    """tiny-llama with a few loud input channels, as LLMs have: norm gains ×40 and some up rows ×20."""
+    torch.manual_seed(0)
+    hf = load_model("tiny-llama").model
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.input_layernorm.weight[[3, 17, 40]] = torch.tensor([40.0, -25.0, 30.0])
+            layer.post_attention_layernorm.weight[[5, 50]] = torch.tensor([35.0, 20.0])
+            layer.mlp.up_proj.weight[[7, 90]] *= 20
+    return hf if impl == "hf" else Llama.from_hf(hf)
+
+
+def logits(model, ids=IDS):
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("impl", ["hf", "effref"])
+@pytest.mark.parametrize("alpha", [0.5, 0.85])
+def test_smoothing_is_function_preserving(impl, alpha):
+    model = outlier_model(impl)
+    before = logits(model)
+    factors = smooth_model(model, IDS, alpha=alpha, progress=False)
+    assert len(factors) == 2 * 4
+    assert max(f.max() / f.min() for f in factors.values()) > 10  # the factors really differ across channels
+    torch.testing.assert_close(logits(model), before, atol=2e-5, rtol=1e-5)
+
+
+def test_factors_follow_equation_4():
+    act = torch.tensor([1.0, 100.0, 0.0, 4.0])
+    w = torch.tensor([0.5, 0.5, 2.0, 0.0])
+    s = smoothing_factors(act, w, alpha=0.75)
+    expected = torch.tensor([1.0 ** 0.75 / 0.5 ** 0.25, 100 ** 0.75 / 0.5 ** 0.25, 1e-5 ** 0.75 / 2 ** 0.25,
+                             4 ** 0.75 / 1e-5 ** 0.25])
+    torch.testing.assert_close(s, expected)
+
+
+def test_alpha_half_equalises_activation_and_weight_maxima():
+    # after smoothing with α = 0.5: max|X_j / s_j| = sqrt(max|X_j| max|W_j|) = max|s_j W_j|, channel by channel.
+    # (Only the paper's two groups: smoothing "o" / "down" later rescales v's / up's rows, hence their columns.)
+    model = outlier_model("effref")
+    smooth_model(model, IDS, alpha=0.5, kinds=("qkv", "gate_up"), progress=False)
+    groups = smoothing_groups(model, ("qkv", "gate_up"))
+    stats = collect_group_stats(model, groups, IDS, progress=False)  # measured again, on the smoothed model
+    for group in groups:
+        torch.testing.assert_close(stats[group.name].abs_max, group_weight_abs_max(group), rtol=1e-4, atol=1e-6)
+
+
+def test_gqa_output_group_maps_query_heads_to_their_kv_head():
+    model = outlier_model("effref")  # 4 query heads, 2 key/value heads, d_head 16
+    group = next(g for g in smoothing_groups(model, ("o",)))
+    assert group.kv_groups == 2 and group.d_head == 16
+    stat = torch.arange(64.0)  # o's input channel c = h·16 + d
+    reduced = group.reduce(stat)  # kv head 0 serves query heads 0, 1; kv head 1 serves 2, 3
+    assert torch.equal(reduced, torch.cat([torch.arange(16.0, 32.0), torch.arange(48.0, 64.0)]))
+    assert torch.equal(group.expand(torch.arange(32.0)), torch.cat([torch.arange(16.0)] * 2 +
+                                                                  [torch.arange(16.0, 32.0)] * 2))
+
+
+def test_smoothquant_beats_naive_w8a8_on_outlier_activations():
+    base = outlier_model("effref")
+    reference = logits(base)
+    quant = WAQuantConfig(w_granularity="channel", a_granularity="tensor")
+    naive = wa_quantize_model(copy.deepcopy(base), quant, progress=False)
+    smoothed = smoothquant_model(copy.deepcopy(base), IDS, SmoothQuantConfig(alpha=0.5, quant=quant), progress=False)
+    err_naive = (logits(naive) - reference).norm()
+    err_smooth = (logits(smoothed) - reference).norm()
+    assert err_smooth < 0.5 * err_naive
+
+
+BAD = [
+    (lambda: smoothing_factors(torch.ones(3), torch.ones(3), alpha=1.5), ValueError, r"alpha=1\.5 must lie in \[0, 1\]"),
+    (lambda: smoothing_groups(outlier_model("effref"), ("qkv", "attn")), ValueError, r"kinds=\['attn'\] are not known"),
+    (lambda: smooth_model(outlier_model("effref")), ValueError, r"needs activation statistics: pass calib_batches"),
+    (lambda: smooth_model(outlier_model("effref"), IDS.float()), ValueError, r"calib_batches must be a \(n, T\)"),
+    (lambda: smoothing_groups(nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(2, 2))]))), ValueError,
+     r"is not a LLaMA block"),
+    (lambda: apply_channel_transform(smoothing_groups(outlier_model("hf"), ("down",))[0], torch.ones(128),
+                                     torch.zeros(128)), ValueError, r"cannot take a shift"),
+]
+
+
+@pytest.mark.parametrize("make, error, message", BAD)
+def test_bad_arguments_are_refused(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
