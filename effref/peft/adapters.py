@@ -5,15 +5,15 @@ Papers: Houlsby, Giurgiu, Jastrzebski, Morrone, de Laroussilhe, Gesmundo, Attari
 He, Zhou, Ma, Berg-Kirkpatrick, Neubig (2022), "Towards a Unified View of Parameter-Efficient Transfer
 Learning", arXiv:2110.04366 — §3 (parallel adapter); Hu, Wang, Lan, Xu, Lim, Bing, Xu, Poria, Lee (2023),
 "LLM-Adapters", arXiv:2304.01933 — §2 (placements for LLaMA: series after the MLP, parallel beside it).
-Implements, around a module f (an MLP block or one linear layer) with input x and output y = f(x):
+Implements, around a module f (an attention or MLP block, or one linear layer) with input x and output y = f(x):
   series:    y' = y + W_up σ(W_down y)          (the adapter reads f's output)
   parallel:  y' = y + s · W_up σ(W_down x)      (the adapter reads f's input, beside f)
 with a bottleneck of width m ≪ d, σ = ReLU (Houlsby) and W_up zero-initialised, so the model is unchanged
 at initialisation. Neither form can be merged into a weight (σ is non-linear between the two matrices).
 Glossary: d model width · m ``bottleneck`` · W_down ``adapter_down`` (d → m) · W_up ``adapter_up`` (m → d)
           · s ``scaling`` (parallel only).
-Left out: adapters after attention as well as after the MLP (pass both as targets), AdapterFusion,
-          Houlsby's trainable layer norms.
+By default every layer gets two adapters, one on its attention block and one on its MLP (survey §2.3.1).
+Left out: AdapterFusion, Houlsby's trainable layer norms.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ PLACEMENTS = ("series", "parallel")
 class AdapterConfig:
     bottleneck: int = 16
     placement: str = "series"  # "series" or "parallel"
-    target_modules: tuple[str, ...] = ("mlp",)  # blocks (or linear layers) to adapt
+    target_modules: tuple[str, ...] = ("self_attn", "mlp")  # blocks (or linear layers); ours: ("attn", "mlp")
     scaling: float = 1.0  # parallel adapters only
 
     def __post_init__(self) -> None:
@@ -61,11 +61,15 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.adapter_up.weight)
         nn.init.zeros_(self.adapter_up.bias)
 
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        y = self.base(x, *args, **kwargs)  # (..., d)
+    def forward(self, *args, **kwargs):
+        x = args[0] if args else kwargs["hidden_states"]  # transformers' attention is called by keyword
+        out = self.base(*args, **kwargs)
+        y = out[0] if isinstance(out, tuple) else out  # (..., d); transformers' attention returns (y, weights)
         if self.placement == "series":
-            return y + self.adapter_up(torch.relu(self.adapter_down(y)))  # y + W_up σ(W_down y)
-        return y + self.scaling * self.adapter_up(torch.relu(self.adapter_down(x)))  # y + s W_up σ(W_down x)
+            y = y + self.adapter_up(torch.relu(self.adapter_down(y)))  # y + W_up σ(W_down y)
+        else:
+            y = y + self.scaling * self.adapter_up(torch.relu(self.adapter_down(x)))  # y + s W_up σ(W_down x)
+        return (y, *out[1:]) if isinstance(out, tuple) else y
 
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:

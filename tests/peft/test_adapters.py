@@ -33,11 +33,16 @@ def perturb(model):
 @pytest.mark.parametrize("impl", ["hf", "effref"])
 def test_adapters_are_identity_at_init_and_train_only_themselves(placement, impl):
     base = tiny(impl)
-    model = apply_adapters(copy.deepcopy(base), AdapterConfig(bottleneck=8, placement=placement))
+    targets = ("self_attn", "mlp") if impl == "hf" else ("attn", "mlp")
+    model = apply_adapters(copy.deepcopy(base), AdapterConfig(bottleneck=8, placement=placement,
+                                                              target_modules=targets))
     out, ref = model(ids()), base(ids())
     torch.testing.assert_close(getattr(out, "logits", out), getattr(ref, "logits", ref))
-    # two MLP blocks × (down: 64·8 + 8, up: 8·64 + 64)
-    assert parameter_count(model, trainable_only=True) == 2 * (64 * 8 + 8 + 8 * 64 + 64)
+    # two layers × two blocks × (down: 64·8 + 8, up: 8·64 + 64)
+    assert parameter_count(model, trainable_only=True) == 4 * (64 * 8 + 8 + 8 * 64 + 64)
+    perturb(model)
+    out = model(ids())
+    assert not torch.allclose(getattr(out, "logits", out), getattr(ref, "logits", ref), atol=1e-4)
     assert all("adapter_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
