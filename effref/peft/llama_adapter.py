@@ -1,6 +1,6 @@
 """LLaMA-Adapter: learnable adaptation prompts in the top layers, read through zero-initialised gated attention.
 
-Paper: Zhang, Han, Liu, Zhou, Lu, Yan, Gao, Li, Qiao (2024), "LLaMA-Adapter: Efficient Fine-tuning of
+Paper: Zhang, Han, Liu, Zhou, Lu, Qiao, Li, Gao (2024), "LLaMA-Adapter: Efficient Fine-tuning of
 Language Models with Zero-init Attention", arXiv:2303.16199 — §3.1 (adaptation prompts), §3.2 (Eqs. 6–9).
 Implements: in each of the top L layers a prompt P_l ∈ ℝ^{K×d}; the layer's own projections give prompt keys
 and values K_l = k_proj(P_l), V_l = v_proj(P_l) (no rotary position: the prompt has none). A query q
