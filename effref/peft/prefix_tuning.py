@@ -94,16 +94,20 @@ class PrefixModel(nn.Module):
         kv = kv[:, None].expand(-1, batch, -1, -1, -1)  # (2L, B, n_kv, n, d_head)
         return [(kv[2 * layer], kv[2 * layer + 1]) for layer in range(self.layers)]
 
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **unused) -> torch.Tensor:
-        B, T = input_ids.shape
+    def forward(self, input_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                inputs_embeds: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         prefixes = self.prefixes(B)
         if _is_hf(self.model):
             from transformers import DynamicCache
 
             cache = DynamicCache(ddp_cache_data=prefixes, config=self.model.config)
             name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-            out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=logits_to_keep, **{name: cache})
+            out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=True,
+                             logits_to_keep=logits_to_keep, **{name: cache})
             return out.logits  # (B, T or keep, V)
+        if inputs_embeds is not None:
+            raise TypeError("our Llama takes token ids only; pass input_ids")
         cache = self.model.new_cache(B, max_len=self.n_virtual + T)  # our Llama: write the prefix, then advance
         for layer, (k, v) in enumerate(prefixes):
             cache.update(layer, k, v)

@@ -96,7 +96,7 @@ class SoftPromptModel(nn.Module):
 
     supports_logits_to_keep = True
 
-    def __init__(self, model: nn.Module, cfg: PromptTuningConfig):
+    def __init__(self, model: nn.Module, cfg: PromptTuningConfig, init_prompt: torch.Tensor | None = None):
         super().__init__()
         self.model, self.n_virtual = model, cfg.n_virtual
         table = input_embeddings(model).weight  # (V, d)
@@ -106,7 +106,12 @@ class SoftPromptModel(nn.Module):
                                          cfg.encoder, table.detach())
             self.prompt_embedding = None
         else:
-            if cfg.init == "vocab":
+            if init_prompt is not None:  # e.g. hidden states of real tokens when the model starts mid-network
+                if init_prompt.shape != (cfg.n_virtual, table.shape[1]):
+                    raise ValueError(f"init_prompt has shape {tuple(init_prompt.shape)}; expected "
+                                     f"(n_virtual, d) = {(cfg.n_virtual, table.shape[1])}")
+                init = init_prompt
+            elif cfg.init == "vocab":
                 init = table[torch.randint(0, table.shape[0], (cfg.n_virtual,), generator=g)]
             elif cfg.init == "text":
                 init = table[torch.tensor(cfg.init_ids).repeat(cfg.n_virtual)[:cfg.n_virtual]]
@@ -119,17 +124,22 @@ class SoftPromptModel(nn.Module):
         """The virtual token embeddings P, (n, d)."""
         return self.encoder() if self.encoder is not None else self.prompt_embedding
 
-    def forward(self, input_ids: torch.Tensor, logits_to_keep: int = 0, **unused) -> torch.Tensor:
-        embeds = input_embeddings(self.model)(input_ids)  # (B, T, d)
-        prompt = self.prompt().to(embeds.dtype).expand(len(input_ids), -1, -1)  # (B, n, d)
+    def forward(self, input_ids: torch.Tensor | None = None, logits_to_keep: int = 0,
+                inputs_embeds: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        embeds = input_embeddings(self.model)(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
+        prompt = self.prompt().to(embeds.dtype).expand(len(embeds), -1, -1)  # (B, n, d)
         logits = forward_embeddings(self.model, torch.cat([prompt, embeds], dim=1), logits_to_keep)
         return logits if logits_to_keep else logits[:, self.n_virtual:]  # (B, T or keep, V)
 
 
-def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig) -> SoftPromptModel:
-    """Freeze ``model`` and return it wrapped with a trainable soft prompt (prompt tuning or P-Tuning)."""
+def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig,
+                        init_prompt: torch.Tensor | None = None) -> SoftPromptModel:
+    """Freeze ``model`` and return it wrapped with a trainable soft prompt (prompt tuning or P-Tuning).
+
+    ``init_prompt`` (n_virtual, d) overrides ``cfg.init`` for prompt tuning.
+    """
     freeze_base(model)
-    return SoftPromptModel(model, cfg)
+    return SoftPromptModel(model, cfg, init_prompt)
 
 
 def apply_p_tuning(model: nn.Module, n_virtual: int = 20, encoder: str = "lstm",

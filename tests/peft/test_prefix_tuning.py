@@ -73,3 +73,13 @@ def test_prefix_config_rejects_bad_input(kwargs, match):
 def test_prefix_needs_an_attention_model():
     with pytest.raises(TypeError, match="attention shape"):
         apply_prefix_tuning(torch.nn.Linear(2, 2), PrefixConfig())
+
+
+def test_prefix_and_prompt_wrappers_accept_input_embeddings():
+    from effref.peft.prompt_tuning import PromptTuningConfig, apply_prompt_tuning
+
+    base = tiny()
+    embeds = base.get_input_embeddings()(ids())
+    for model in (apply_prefix_tuning(copy.deepcopy(base), PrefixConfig(n_virtual=2)),
+                  apply_prompt_tuning(copy.deepcopy(base), PromptTuningConfig(n_virtual=2))):
+        torch.testing.assert_close(model(inputs_embeds=embeds), model(ids()))

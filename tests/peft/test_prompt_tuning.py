@@ -77,3 +77,11 @@ def test_prompt_tuning_config_rejects_bad_input(kwargs, match):
 def test_soft_prompt_needs_a_language_model():
     with pytest.raises(TypeError, match="input embeddings"):
         SoftPromptModel(torch.nn.Linear(3, 3), PromptTuningConfig())
+
+
+def test_init_prompt_is_used_and_checked():
+    init = torch.randn(3, 64)
+    model = apply_prompt_tuning(tiny(), PromptTuningConfig(n_virtual=3), init_prompt=init)
+    assert torch.equal(model.prompt().detach(), init)
+    with pytest.raises(ValueError, match="expected"):
+        apply_prompt_tuning(tiny(), PromptTuningConfig(n_virtual=4), init_prompt=init)
