@@ -4,12 +4,11 @@ from effref.compression.calibration import (
     STATS,
     InputStats,
     collect_input_stats,
-    damped_hessian,
     find_blocks,
-    inverse_hessian_cholesky,
     map_linears,
     walk_linears,
 )
+from effref.compression.hessian import damped_hessian, inverse_hessian_cholesky
 from effref.compression.io import load_compressed, save_compressed
 
 __all__ = ["STATS", "InputStats", "collect_input_stats", "damped_hessian", "find_blocks", "inverse_hessian_cholesky",

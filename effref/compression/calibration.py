@@ -2,7 +2,7 @@
 
 Papers: the sequential layer-wise scheme of OBC/GPTQ (Frantar et al., 2022–2023, arXiv:2208.11580,
 arXiv:2210.17323) that SparseGPT (arXiv:2301.00774, §3) and Wanda (arXiv:2306.11695, §3) use for pruning
-and GPTQ/AWQ for quantization; the damped inverse-Hessian Cholesky factor of GPTQ §3 ("Step 3").
+and GPTQ/AWQ for quantization.
 Implements, for a model whose decoder blocks sit in an ``nn.ModuleList``:
   1. capture what block 0 receives for each calibration batch (stop the forward pass right there);
   2. for block i, run it with forward hooks on its target linears, accumulating statistics of each linear's
@@ -13,10 +13,9 @@ Implements, for a model whose decoder blocks sit in an ``nn.ModuleList``:
      really feeds it; sequential=False: block i + 1 gets the outputs of the untouched block (one dense pass,
      which is also how ``collect_input_stats`` gathers statistics once for several experiments).
 Linears that read the same tensor (q/k/v, gate/up) share one statistics object, computed once.
-And the Hessian helpers of second-order methods: ``damped_hessian`` (H + λ·mean(diag H)·I, dead inputs
-fixed) and ``inverse_hessian_cholesky`` (the upper Cholesky factor U of H⁻¹ = UᵀU).
+The Hessian helpers of second-order methods live in ``effref.compression.hessian``.
 Glossary: X inputs of one linear (n tokens × C channels) · H = XᵀX / n (the layer loss Hessian up to 2/n)
-          · λ damping fraction · U upper Cholesky factor of H⁻¹ · block = decoder layer.
+          · block = decoder layer.
 Left out: "true sequential" order inside a block (q/k/v and o of one block all see the block's inputs);
 offloading blocks to save accelerator memory.
 """
@@ -260,35 +259,3 @@ def collect_input_stats(model: nn.Module, calib_batches: torch.Tensor, needs: Co
     walk_linears(model, record, calib_batches, needs, sequential=False, desc=kwargs.pop("desc", "calibration"),
                  **kwargs)
     return stats
-
-
-def damped_hessian(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(H + λ·mean(diag H)·I in float64, dead) where ``dead`` marks inputs that were always zero.
-
-    A dead input (H_jj = 0) gets H_jj = 1 so H stays invertible; its weights multiply only zeros, so
-    callers may set them to zero for free (GPTQ and SparseGPT do).
-    """
-    if hessian.ndim != 2 or hessian.shape[0] != hessian.shape[1]:
-        raise ValueError(f"hessian must be a square (C, C) matrix, got shape {tuple(hessian.shape)}")
-    if not 0 <= damp < 1:
-        raise ValueError(f"damp={damp} must be in [0, 1) (a fraction of the mean diagonal, e.g. 0.01)")
-    H = hessian.double().clone()  # (C, C)
-    dead = torch.diagonal(H) == 0  # (C,)
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.diagonal(H).mean())  # GPTQ §3 "Step 3": λ = 1% of the mean diagonal
-    return H, dead
-
-
-def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, dead): U is the upper Cholesky factor of (damped H)⁻¹ = UᵀU, float64; see ``damped_hessian``.
-
-    Row j of U holds the OBS quantities after columns < j are fixed: U_jj² = [H_{j:, j:}⁻¹]_00 and
-    U_{j, j:} / U_jj is the update that removing weight j sends to columns ≥ j (GPTQ Eq. 3, SparseGPT §3.2).
-    """
-    H, dead = damped_hessian(hessian, damp)
-    L, info = torch.linalg.cholesky_ex(H)  # H = L Lᵀ
-    if info:
-        raise ValueError(f"the damped Hessian is not positive definite (damp={damp}); use a larger damp such "
-                         "as 0.1 or more calibration tokens")
-    H_inv = torch.cholesky_inverse(L)  # (C, C) H⁻¹
-    return torch.linalg.cholesky(H_inv, upper=True), dead  # (C, C) upper U

@@ -1,7 +1,7 @@
 """Truncated SVD of linear layers, plain and activation-aware (whitened by calibration statistics).
 
 Papers: Eckart & Young (1936) for the optimality of the truncated SVD; the whitening of SVD-LLM (Wang, Zheng,
-Zhang, Zhang, 2024, arXiv:2403.07378, §3.1 "truncation-aware data whitening"); ASVD (Yuan et al., 2023,
+Wan, Zhang, 2024, arXiv:2403.07378, §3.1 "truncation-aware data whitening"); ASVD (Yuan et al., 2023,
 arXiv:2312.05821) for the activation-aware idea. Survey §2.1.3: W ≈ U Vᵀ with rank r ≪ min(m, n).
 Implements, for a layer W (d_out × d_in):
   plain:      W = U Σ Vᵀ,  Ŵ = U_r Σ_r V_rᵀ, minimising ||W − Ŵ||_F; the error is sqrt(Σ_{i>r} σ_i²) (Eckart–Young);
@@ -22,7 +22,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from effref.compression.calibration import InputStats, damped_hessian, map_linears
+from effref.compression.calibration import InputStats, map_linears
+from effref.compression.hessian import damped_hessian
 
 
 class LowRankLinear(nn.Module):

@@ -16,8 +16,7 @@ Implements three stages for LLaMA blocks (transformers' ``LlamaDecoderLayer`` or
      importance is the sum over its slices (the paper's "summation" aggregation). In each pruned block the
      fraction ``ratio`` of lowest-importance units is removed (block-wise, as in the paper), physically:
      new, smaller nn.Linear modules and updated head counts, so the model is really smaller and faster.
-  3. Recovery. ``lora_recover``: LoRA (effref.peft.lora) on every linear, trained with the language-model
-     loss on text for a few steps, then merged back, so the recovered model has the pruned shapes.
+  3. Recovery: ``effref.pruning.recovery.lora_recover`` (LoRA on every linear, LM loss, merged back).
 Glossary: W, G weight and gradient · d_head head size · gs = n_heads / n_kv query heads per group
           · d_ff MLP width · ratio fraction of units removed per pruned block.
 Left out: automatic dependency tracing of arbitrary architectures, channel-wise pruning of the hidden size,
@@ -29,13 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from effref.compression.calibration import find_blocks
-from effref.eval import _logits
-from effref.peft.core import replace_module
-from effref.peft.lora import LoraConfig, apply_lora, lora_layers, merge_lora
+from effref.pruning.recovery import lm_loss
 from effref.runtime import progress_bar
 
 MODES, IMPORTANCE = ("auto", "query", "group"), ("vector", "element")
@@ -174,15 +170,10 @@ def block_shape(p: Parts) -> dict[str, int]:
     return {"heads": p.n_heads, "kv_heads": p.n_kv, "d_ff": p.get("up").out_features}
 
 
-def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``batch`` (B, T) under ``model`` (either model class)."""
-    logits = _logits(model, batch)  # (B, T, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
-
-
-def taylor_gradients(model: nn.Module, batches: torch.Tensor, batch_size: int = 2, progress: bool = True) -> None:
-    """Accumulate ∂L/∂W of the LM loss over ``batches`` (n, T) in every parameter's ``.grad``."""
+def taylor_gradients(model: nn.Module, batches: torch.Tensor, batch_size: int = 2,
+                     progress: bool = True) -> dict[str, torch.Tensor]:
+    """Accumulate ∂L/∂W of the LM loss over ``batches`` (n, T) in every parameter's ``.grad``; also return
+    them as {parameter name: gradient} (to prune copies of the model without recomputing them)."""
     model.zero_grad(set_to_none=True)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -194,16 +185,27 @@ def taylor_gradients(model: nn.Module, batches: torch.Tensor, batch_size: int = 
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
+    return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
 
-def llm_prune(model: nn.Module, batches: torch.Tensor, cfg: LLMPrunerConfig, batch_size: int = 2,
-              progress: bool = True) -> list[dict[str, int]]:
-    """Structurally prune ``model`` in place (stages 1–2); returns each block's new head / channel counts."""
+def llm_prune(model: nn.Module, batches: torch.Tensor | None, cfg: LLMPrunerConfig, batch_size: int = 2,
+              progress: bool = True, gradients: dict[str, torch.Tensor] | None = None) -> list[dict]:
+    """Structurally prune ``model`` in place (stages 1–2); returns each block's new counts and kept indices.
+
+    The gradients come from ``batches`` (n, T) token ids, or from ``gradients`` = the dict returned by
+    ``taylor_gradients`` on an identical model (to prune copies of one dense model at several ratios).
+    """
     _, blocks = find_blocks(model)
     last = len(blocks) if cfg.last is None else cfg.last
     if not 0 <= cfg.first < last <= len(blocks):
         raise ValueError(f"first={cfg.first}, last={cfg.last} must satisfy 0 <= first < last <= {len(blocks)}")
-    taylor_gradients(model, batches, batch_size, progress)
+    if gradients is not None:
+        for name, p in model.named_parameters():
+            p.grad = gradients.get(name)
+    elif batches is not None:
+        taylor_gradients(model, batches, batch_size, progress)
+    else:
+        raise ValueError("pass batches=(n, T) token ids or gradients=taylor_gradients(dense_model, batches)")
     with torch.no_grad():
         shapes = [prune_block(b, cfg) if cfg.first <= i < last else block_shape(block_parts(b))
                   for i, b in enumerate(blocks)]
@@ -216,43 +218,6 @@ def llm_prune(model: nn.Module, batches: torch.Tensor, cfg: LLMPrunerConfig, bat
                              "heads='query'")
         model.cfg.n_kv_heads = kv.pop()
     return shapes
-
-
-def lora_recover(model: nn.Module, ids: torch.Tensor, steps: int, lora: LoraConfig | None = None,
-                 lr: float = 3e-4, batch_size: int = 4, seq_len: int = 128, seed: int = 0,
-                 progress: bool = True) -> list[float]:
-    """Stage 3: train LoRA adapters on every linear with the LM loss on ``ids`` (N,), merge them, drop them.
-
-    Returns the training losses. Afterwards the model has its pruned shapes and no adapter modules.
-    """
-    from effref.data import calibration_batches
-
-    if steps < 1:
-        raise ValueError(f"steps={steps} must be >= 1")
-    names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)} - {"lm_head"})
-    lora = lora or LoraConfig(r=8, alpha=16, target_modules=tuple(names))
-    flags = {p: p.requires_grad for p in model.parameters()}
-    apply_lora(model, lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    device, losses, was_training = next(model.parameters()).device, [], model.training
-    model.train()
-    try:
-        for step in progress_bar(range(steps), desc="LoRA recovery", disable=not progress):
-            batch = calibration_batches(ids, batch_size, seq_len, seed=seed + step).to(device)  # (B, T)
-            loss = lm_loss(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    finally:
-        model.train(was_training)
-        merge_lora(model)
-        for name, layer in lora_layers(model).items():  # keep the merged base linear only
-            replace_module(model, name, layer.base)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-    return losses
 
 
 def removed_fraction(model: nn.Module, cfg: LLMPrunerConfig) -> float:

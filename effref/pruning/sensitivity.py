@@ -1,6 +1,6 @@
 """Hessian-sensitivity mixed sparsity: more zeros where a layer tolerates them, the same total count.
 
-Paper: Shao, Liu, Wu, Bai, Wu, Wang, Ding, Zhang, Wang (2023), "One-Shot Sensitivity-Aware Mixed Sparsity
+Paper: Shao, Liu, Qian (2023), "One-Shot Sensitivity-Aware Mixed Sparsity
 Pruning for Large Language Models", arXiv:2310.09499 (survey §2.1.2). The idea — allocate per-layer
 sparsity from Hessian-based sensitivity while keeping the global ratio — is theirs; the allocation rule
 below is ours, stated in full so it can be checked.
@@ -25,16 +25,22 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from effref.compression.calibration import InputStats, block_linears, damped_hessian, find_blocks
+from effref.compression.calibration import InputStats, block_linears, find_blocks
+from effref.compression.hessian import damped_hessian
 
 
-def layer_saliency(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
-    """Sorted (ascending) relative OBS saliencies ε_ij / tr(W H Wᵀ) of one layer, flattened, float32."""
+def layer_saliency(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
+                   diag_inv: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted (ascending) relative OBS saliencies ε_ij / tr(W H Wᵀ) of one layer, flattened, float32.
+
+    ``diag_inv`` = diag of the damped H⁻¹, when already known (layers reading one input share it).
+    """
     H, _ = damped_hessian(hessian, damp)  # (in, in) float64
-    W = weight.double()  # (out, in)
-    diag_inv = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # (in,) [H⁻¹]_jj
-    energy = torch.einsum("oi,ij,oj->", W, H, W)  # tr(W H Wᵀ)
-    return (W.pow(2) / diag_inv[None, :] / energy).float().reshape(-1).sort().values  # (out·in,)
+    if diag_inv is None:
+        diag_inv = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # (in,) [H⁻¹]_jj
+    W = weight.float()  # (out, in)
+    energy = (W @ H.float()).mul_(W).sum().double()  # tr(W H Wᵀ), one matmul
+    return (W.double().pow(2) / diag_inv[None, :] / energy).float().reshape(-1).sort().values  # (out·in,)
 
 
 def hessian_sensitivity_sparsities(model: nn.Module, stats: Mapping[str, InputStats], sparsity: float,
@@ -60,7 +66,13 @@ def hessian_sensitivity_sparsities(model: nn.Module, stats: Mapping[str, InputSt
     if not sum(lo.values()) <= total <= sum(hi.values()):
         raise ValueError(f"spread={spread} cannot reach the global count {total}; use a larger spread")
     # Candidates: layer l's saliencies ranked lo_l .. hi_l - 1 (already sorted, so any prefix is optimal).
-    candidates = {n: layer_saliency(m.weight, stats[n].hessian, damp)[lo[n]:hi[n]] for n, m in layers.items()}
+    inverses: dict[int, torch.Tensor] = {}  # id(hessian) -> diag of its damped inverse (q/k/v share one)
+    candidates = {}
+    for n, m in layers.items():
+        H = stats[n].hessian
+        if id(H) not in inverses:
+            inverses[id(H)] = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(damped_hessian(H, damp)[0])))
+        candidates[n] = layer_saliency(m.weight.detach(), H, damp, inverses[id(H)])[lo[n]:hi[n]]
     extra = total - sum(lo.values())
     counts = dict(lo)
     if extra > 0:

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.compression.calibration import InputStats, inverse_hessian_cholesky
+from effref.compression.calibration import InputStats
+from effref.compression.hessian import inverse_hessian_cholesky
 from effref.pruning.masks import PruneConfig, lowest, nm_mask, prune_linears, split_count
 
 

@@ -4,12 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from effref.compression.calibration import (
-    collect_input_stats,
-    damped_hessian,
-    inverse_hessian_cholesky,
-    walk_linears,
-)
+from effref.compression.calibration import collect_input_stats, walk_linears
+from effref.compression.hessian import damped_hessian, inverse_hessian_cholesky
 from effref.models import load_model
 from effref.models.llama import Llama
 

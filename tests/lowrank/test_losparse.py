@@ -51,3 +51,22 @@ def test_bad_arguments_are_refused(kwargs, message):
         losparse_factorize(_linear(), **kwargs)
     with pytest.raises(ValueError, match="n_sparse=99"):
         LoSparseLinear(8, 4, 2, 99, "column")
+
+
+@pytest.mark.parametrize("impl", ["hf", "effref"])
+def test_model_level_full_residual_is_function_preserving(impl):
+    from effref.lowrank.losparse import losparse_compress_model
+    from effref.models import load_model
+    from effref.models.llama import Llama
+
+    hf = load_model("tiny-llama", seed=6).model
+    model = Llama.from_hf(hf) if impl == "effref" else hf
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids)
+        ref = ref if isinstance(ref, torch.Tensor) else ref.logits
+        ranks = losparse_compress_model(model, 0.2, 1.0, progress=False)  # S keeps the whole residual
+        out = model(ids)
+        out = out if isinstance(out, torch.Tensor) else out.logits
+    assert len(ranks) == 14 and sum(isinstance(m, LoSparseLinear) for m in model.modules()) == 14
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)

@@ -13,13 +13,12 @@ from effref.pruning.llm_pruner import (
     LLMPrunerConfig,
     block_parts,
     llm_prune,
-    lm_loss,
-    lora_recover,
     ratio_for_fraction,
     removed_fraction,
     taylor_gradients,
     unit_scores,
 )
+from effref.pruning.recovery import lm_loss, lora_recover
 
 BATCHES = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
 
@@ -152,3 +151,14 @@ def test_pruning_refuses_impossible_requests():
     with pytest.raises(ValueError, match="different key/value head counts"):
         llm_prune(_model("tiny-llama", "effref"), BATCHES, LLMPrunerConfig(0.5, heads="group", first=1),
                   progress=False)
+
+
+def test_precomputed_gradients_prune_a_copy_exactly_like_batches_do():
+    dense = _model("tiny-llama", "hf")
+    grads = taylor_gradients(dense, BATCHES, progress=False)
+    copy_a, copy_b = copy.deepcopy(dense), copy.deepcopy(dense)
+    shapes_a = llm_prune(copy_a, None, LLMPrunerConfig(0.5), gradients=grads, progress=False)
+    shapes_b = llm_prune(copy_b, BATCHES, LLMPrunerConfig(0.5), progress=False)
+    assert shapes_a == shapes_b
+    with pytest.raises(ValueError, match="pass batches"):
+        llm_prune(copy.deepcopy(dense), None, LLMPrunerConfig(0.5), progress=False)
