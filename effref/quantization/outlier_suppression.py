@@ -13,7 +13,8 @@ channels that are still wider than a threshold t:
 so the model's function is unchanged before rounding: the producer of X (a norm, or v_proj) is divided by
 s and given the bias −z/s, the consumers' weight columns are multiplied by s and their bias gains W z.
 t is chosen by a grid search that minimises the quantized output error of the consumers on calibration
-rows, ‖Q_a(X') Q_w(diag(s) W) − X̃ W‖² (Eq. 8, summed over the linears that read X). The shift is exact
+rows, ‖Q_a(X') Q_w(diag(s) W) − X̃ W‖² (Eq. 8, summed over the linears that read X), over candidates spaced
+geometrically from the widest channel's half-range (no scaling) down to the narrowest channel's. The shift is exact
 through attention's v → o path too (softmax weights sum to 1), but not through SwiGLU's product: the
 up → down group is only scaled.
 Glossary: X (T × C) activations · z (C,) shift · s (C,) scale · t clipping threshold · W, b the consumer.
@@ -46,9 +47,11 @@ NEEDS = ("min", "max", "samples")
 
 @dataclass
 class OSPlusConfig:
-    n_grid: int = 20  # candidate thresholds t = max_j range_j · k / n_grid, k = 1 … n_grid
+    n_grid: int = 20  # candidate thresholds, geometric from the widest channel's range down to the narrowest
     kinds: tuple[str, ...] = KINDS
-    max_samples: int = 512  # calibration rows per group used in the search
+    max_samples: int = 512  # calibration rows (tokens) per group used in the search
+    max_out_rows: int = 256  # output channels per consumer scored in the search (a seeded subset; per-row
+    # weight quantization makes the error of a row independent of the others, so the subset is unbiased)
     quant: WAQuantConfig = field(default_factory=lambda: WAQuantConfig(w_granularity="channel", a_granularity="tensor"))
 
     def __post_init__(self) -> None:
@@ -81,12 +84,16 @@ def os_plus_factors(group: SmoothGroup, stats: LayerInputs, cfg: OSPlusConfig) -
     x = stats.samples[: cfg.max_samples].to(device).float()  # (m, C_in)
     if shift is not None:
         x = x - group.expand(shift)[None, :]  # X̃
-    weights = [lin.weight.detach().float() for lin in group.linears()]  # (out, C_in) each
+    generator = torch.Generator().manual_seed(0)
+    weights = []
+    for lin in group.linears():
+        rows = torch.randperm(lin.out_features, generator=generator)[: cfg.max_out_rows].to(device)
+        weights.append(lin.weight.detach()[rows].float())  # (≤ max_out_rows, C_in)
     targets = [x @ w.T for w in weights]  # the unquantized outputs, without the bias W z (it is exact)
     best = (float("inf"), None, None)
-    top = half_range.max().item()
-    for k in range(1, cfg.n_grid + 1):  # k = n_grid gives t = max range: s = 1, shift only
-        t = top * k / cfg.n_grid
+    top, bottom = half_range.max().item(), half_range.min().clamp(min=1e-8).item()
+    for k in range(cfg.n_grid):  # k = 0: t = the widest range, so s = 1 (shift only); then geometric steps down
+        t = top * (bottom / top) ** (k / max(cfg.n_grid - 1, 1))
         scale = torch.clamp(half_range / t, min=1.0)  # (C,) Eq. 6
         err = _quantized_error(x, group.expand(scale), weights, targets, cfg.quant)
         if err < best[0]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.quantization.driver import LayerInputs, find_blocks
+from effref.quantization.driver import LayerInputs, collect_statistics, find_blocks
 from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
 from effref.runtime import progress_bar
 
@@ -53,6 +53,7 @@ class SmoothGroup:
     """A producer (norm or linear) and the linears that read its output: the unit a channel transform folds into."""
 
     name: str  # e.g. "blocks.3.qkv"
+    block_name: str  # e.g. "blocks.3"
     block: nn.Module
     producer: str  # relative name inside the block
     consumers: list[str]
@@ -100,8 +101,8 @@ def smoothing_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Smo
                 "down": (names["up"], [names["down"]], 1, False)}
         for kind in kinds:
             producer, consumers, kv_groups, shift_ok = spec[kind]
-            groups.append(SmoothGroup(f"{prefix}.{i}.{kind}", block, producer, consumers, kind, kv_groups,
-                                      shift_ok, d_head))
+            groups.append(SmoothGroup(f"{prefix}.{i}.{kind}", f"{prefix}.{i}", block, producer, consumers, kind,
+                                      kv_groups, shift_ok, d_head))
     return groups
 
 
@@ -112,34 +113,16 @@ def _has_all(block: nn.Module, names) -> bool:
         return False
 
 
-@torch.no_grad()
 def collect_group_stats(model: nn.Module, groups: list[SmoothGroup], calib_batches: torch.Tensor,
                         needs: Sequence[str] = ("abs_max",), max_samples: int = 512, batch_size: int = 4,
                         seed: int = 0, progress: bool = True) -> dict[str, LayerInputs]:
-    """Run the calibration batches once with hooks on each group's first consumer; statistics per group name."""
+    """Input statistics of each group (those of its first consumer) on the full-precision model, by group name."""
     if not isinstance(calib_batches, torch.Tensor) or calib_batches.ndim != 2 or calib_batches.is_floating_point():
         raise ValueError("calib_batches must be a (n, T) tensor of token ids; use effref.data.calibration_batches")
-    stats = {g.name: LayerInputs() for g in groups}
-    generator = torch.Generator().manual_seed(seed)
-    keep = -(-max_samples // calib_batches.shape[0])  # rows kept per sequence
-
-    def hook_for(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0]  # (b, T, C_in)
-            stats[name].update(x, needs, keep * x.shape[0], generator)
-        return hook
-
-    handles = [g.linears()[0].register_forward_hook(hook_for(g.name)) for g in groups]
-    is_hf = hasattr(model, "config") and not hasattr(model, "cfg")
-    device = next(model.parameters()).device
-    try:
-        for start in progress_bar(range(0, len(calib_batches), batch_size), desc="calibrating", disable=not progress):
-            chunk = calib_batches[start:start + batch_size].to(device)  # (b, T)
-            model(chunk, use_cache=False) if is_hf else model(chunk)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    wanted = {f"{g.block_name}.{g.consumers[0]}": g.name for g in groups}
+    found = collect_statistics(model, calib_batches, needs, target=lambda name, module: name in wanted,
+                               max_samples=max_samples, batch_size=batch_size, seed=seed, progress=progress)
+    return {wanted[name]: stats for name, stats in found.items()}
 
 
 class ShiftedNorm(nn.Module):

@@ -70,13 +70,29 @@ def quantize_activations(x: torch.Tensor, bits: int, granularity: str) -> torch.
 
 
 class WAQuantLinear(QuantLinear):
-    """A QuantLinear (stored W codes + scales) whose forward also quantizes its input: y = Q_a(x) Ŵᵀ + b."""
+    """A QuantLinear (stored W codes + scales) whose forward also quantizes its input: y = Q_a(x) Ŵᵀ + b.
+
+    The dequantized weight is kept between calls (it is fixed; only the activation scales change), and
+    dropped whenever the buffers are loaded or moved.
+    """
+
+    _w_hat: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = self.meta["extra"]
         x_hat = quantize_activations(x, act["a_bits"], act["a_granularity"])  # (..., C)
+        if self._w_hat is None or self._w_hat.dtype != x.dtype:
+            self._w_hat = self.dequantize_weight().to(x.dtype)  # (out, C)
         bias = getattr(self, "bias", None)
-        return F.linear(x_hat, self.dequantize_weight().to(x.dtype), None if bias is None else bias.to(x.dtype))
+        return F.linear(x_hat, self._w_hat, None if bias is None else bias.to(x.dtype))
+
+    def _apply(self, fn, recurse=True):
+        self._w_hat = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._w_hat = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         act = self.meta["extra"]

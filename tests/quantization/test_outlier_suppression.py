@@ -1,5 +1,7 @@
 """Outlier Suppression+: shift and scale are function-preserving, centre the channels, and cut W8A8 error."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -8,14 +10,25 @@ from effref.models import load_model
 from effref.models.llama import Llama, RMSNorm
 from effref.quantization import QuantConfig, fake_quantize
 from effref.quantization.driver import LayerInputs
-from effref.quantization.outlier_suppression import NEEDS, OSPlusConfig, os_plus_factors, os_plus_transform
+from effref.quantization.outlier_suppression import (
+    NEEDS,
+    OSPlusConfig,
+    os_plus_factors,
+    os_plus_model,
+    os_plus_transform,
+)
 from effref.quantization.smoothquant import (
     SmoothGroup,
     apply_channel_transform,
     collect_group_stats,
     smoothing_groups,
 )
-from effref.quantization.zeroquant import WAQuantConfig, quantize_activations
+from effref.quantization.zeroquant import (
+    WAQuantConfig,
+    WAQuantLinear,
+    quantize_activations,
+    wa_quantize_model,
+)
 
 IDS = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 CFG = OSPlusConfig(n_grid=8, max_samples=128)
@@ -74,7 +87,7 @@ def _single_linear_group(x: torch.Tensor, out_features: int = 32):
     block.lin = nn.Linear(x.shape[1], out_features, bias=False)
     stats = LayerInputs()
     stats.update(x, NEEDS, keep=len(x), generator=torch.Generator().manual_seed(0))
-    return SmoothGroup("g", block, "norm", ["lin"], "qkv"), stats
+    return SmoothGroup("g", "", block, "norm", ["lin"], "qkv"), stats
 
 
 def test_search_helps_on_asymmetric_outlier_channels():
@@ -106,6 +119,17 @@ def test_search_includes_no_scaling():
     group, stats = _single_linear_group(torch.randn(64, 32))  # no outliers: scaling cannot help much
     _, scale, _ = os_plus_factors(group, stats, OSPlusConfig(n_grid=1))
     assert torch.equal(scale, torch.ones(32))  # one candidate: t = the widest channel, s = 1
+
+
+def test_os_plus_model_beats_naive_w8a8_on_outlier_activations():
+    base = outlier_model("effref")
+    reference = logits(base)
+    quant = WAQuantConfig(w_granularity="channel", a_granularity="tensor")
+    naive = wa_quantize_model(copy.deepcopy(base), quant, progress=False)
+    os_plus = os_plus_model(copy.deepcopy(base), IDS, OSPlusConfig(n_grid=8, max_samples=128, quant=quant),
+                            progress=False)
+    assert sum(isinstance(m, WAQuantLinear) for m in os_plus.modules()) == 14
+    assert (logits(os_plus) - reference).norm() < 0.5 * (logits(naive) - reference).norm()
 
 
 BAD = [
