@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import MergeableAdapter, adapters_of, find_linears, freeze_base, replace_module
+from effref.peft.core import MergeableAdapter, adapters_of, wrap_modules
 
 
 @dataclass
@@ -88,11 +88,8 @@ class SVDLinear(MergeableAdapter):
 
 def apply_adalora(model: nn.Module, cfg: AdaLoraConfig) -> nn.Module:
     """Wrap the target linears in ``SVDLinear`` (rank ``init_r``) and freeze everything else (in place)."""
-    targets = find_linears(model, cfg.target_modules, skip=(SVDLinear,))
-    layers = {name: SVDLinear(layer, cfg.init_r, cfg.alpha) for name, layer in targets.items()}
-    freeze_base(model)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    wrap_modules(model, cfg.target_modules, lambda name, layer: SVDLinear(layer, cfg.init_r, cfg.alpha),
+                 skip=(SVDLinear,))
     return model
 
 

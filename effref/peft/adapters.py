@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import find_modules, freeze_base, io_features, replace_module
+from effref.peft.core import io_features, wrap_modules
 
 PLACEMENTS = ("series", "parallel")
 
@@ -74,11 +74,7 @@ class BottleneckAdapter(nn.Module):
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Wrap every module whose name ends with one of ``cfg.target_modules`` and freeze the rest (in place)."""
-    targets = find_modules(model, cfg.target_modules, skip=(BottleneckAdapter,))
-    wrapped = {name: BottleneckAdapter(m, cfg.bottleneck, cfg.placement, cfg.scaling) for name, m in targets.items()}
-    freeze_base(model)
-    for name, adapter in wrapped.items():
-        for p in adapter.base.parameters():
-            p.requires_grad_(False)
-        replace_module(model, name, adapter)
+    wrap_modules(model, cfg.target_modules, lambda name, m: BottleneckAdapter(m, cfg.bottleneck, cfg.placement,
+                                                                              cfg.scaling),
+                 skip=(BottleneckAdapter,), linear_only=False)
     return model

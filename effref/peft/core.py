@@ -19,7 +19,7 @@ Left out: regex targets and per-layer configs (peft's ``rank_pattern``); sharded
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -69,6 +69,21 @@ def find_modules(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
         raise ValueError(f"target_modules={targets!r} match no {what} of {type(model).__name__}; "
                          f"its linear layers are named {linear_names(model)}")
     return found
+
+
+def wrap_modules(model: nn.Module, targets: Iterable[str], make: Callable[[str, nn.Module], nn.Module],
+                 skip: tuple[type, ...] = (), linear_only: bool = True) -> dict[str, nn.Module]:
+    """Replace each target module by ``make(name, module)`` and freeze everything that is not new.
+
+    Every wrapper is built before the model changes, so an error (a rank too large for one layer) leaves the
+    model untouched. Returns {name: wrapper}.
+    """
+    found = find_modules(model, targets, skip, linear_only)
+    wrapped = {name: make(name, module) for name, module in found.items()}
+    freeze_base(model)
+    for name, wrapper in wrapped.items():
+        replace_module(model, name, wrapper)
+    return wrapped
 
 
 def io_features(module: nn.Module) -> tuple[int, int]:

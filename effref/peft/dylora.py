@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import adapters_of, find_linears, freeze_base, replace_module
+from effref.peft.core import adapters_of, wrap_modules
 from effref.peft.lora import LoraLinear
 
 
@@ -61,11 +61,8 @@ class DyLoraLinear(LoraLinear):
 
 def apply_dylora(model: nn.Module, cfg: DyLoraConfig) -> nn.Module:
     """Wrap the target linears in ``DyLoraLinear`` (rank r_max) and freeze everything else (in place)."""
-    targets = find_linears(model, cfg.target_modules, skip=(LoraLinear,))
-    layers = {name: DyLoraLinear(layer, cfg.r, cfg.alpha) for name, layer in targets.items()}
-    freeze_base(model)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+    wrap_modules(model, cfg.target_modules, lambda name, layer: DyLoraLinear(layer, cfg.r, cfg.alpha),
+                 skip=(LoraLinear,))
     model.dylora_range = (cfg.r_min, cfg.r)
     return model
 

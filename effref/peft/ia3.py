@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import MergeableAdapter, find_linears, freeze_base, replace_module
+from effref.peft.core import MergeableAdapter, wrap_modules
 
 
 @dataclass
@@ -63,9 +63,8 @@ class IA3Linear(MergeableAdapter):
 
 def apply_ia3(model: nn.Module, cfg: IA3Config) -> nn.Module:
     """Wrap the target linears of ``model`` in ``IA3Linear`` and freeze everything else (in place)."""
-    targets = find_linears(model, cfg.target_modules, skip=(IA3Linear,))
-    freeze_base(model)
-    for name, layer in targets.items():
-        feedforward = any(name == t or name.endswith("." + t) for t in cfg.feedforward_modules)
-        replace_module(model, name, IA3Linear(layer, feedforward))
+    def make(name: str, layer: nn.Module) -> IA3Linear:
+        return IA3Linear(layer, feedforward=any(name == t or name.endswith("." + t) for t in cfg.feedforward_modules))
+
+    wrap_modules(model, cfg.target_modules, make, skip=(IA3Linear,))
     return model

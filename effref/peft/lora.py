@@ -34,8 +34,8 @@ from effref.peft.core import (  # noqa: F401
     save_trainable,
     trainable_state_dict,
     unmerge_adapters,
+    wrap_modules,
 )
-from effref.runtime import progress_bar
 
 
 @dataclass
@@ -106,20 +106,19 @@ class LoraLinear(MergeableAdapter):
         return f"r={self.r}, alpha={self.alpha}, freeze_a={self.freeze_a}, merged={self.merged}"
 
 
-def apply_lora(model: nn.Module, cfg: LoraConfig, progress: bool = False) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """Wrap every linear-like layer whose name ends with one of ``cfg.target_modules`` in a ``LoraLinear``.
 
     Every other parameter is frozen. Ranks are checked against each layer before anything changes, so a
     failing call leaves the model untouched. Returns ``model`` (modified in place).
     """
-    targets = find_linears(model, cfg.target_modules, skip=(LoraLinear,))
-    for name, layer in targets.items():
+    def make(name: str, layer: nn.Module) -> LoraLinear:
         if cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
                              f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
-    freeze_base(model)
-    for name, layer in progress_bar(targets.items(), desc="LoRA", disable=not progress):
-        replace_module(model, name, LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.freeze_a))
+        return LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.freeze_a)
+
+    wrap_modules(model, cfg.target_modules, make, skip=(LoraLinear,))
     return model
 
 

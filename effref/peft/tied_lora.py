@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import MergeableAdapter, find_linears, freeze_base, replace_module
+from effref.peft.core import MergeableAdapter, wrap_modules
 
 
 @dataclass
@@ -77,25 +77,23 @@ class TiedLoraLinear(MergeableAdapter):
 
 def apply_tied_lora(model: nn.Module, cfg: TiedLoraConfig) -> nn.Module:
     """Wrap the target linears, one ``TiedFactors`` per target name, and freeze everything else (in place)."""
-    targets = find_linears(model, cfg.target_modules, skip=(TiedLoraLinear,))
     shared: dict[str, TiedFactors] = {}
-    layers = {}
-    for name, layer in targets.items():
+
+    def make(name: str, layer: nn.Module) -> TiedLoraLinear:
         key = next(t for t in cfg.target_modules if name == t or name.endswith("." + t))
         if cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
                              f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
-        like = next(iter(list(layer.parameters()) + list(layer.buffers())))
-        like = like if like.is_floating_point() else like.float()
         if key not in shared:
-            shared[key] = TiedFactors(layer.in_features, layer.out_features, cfg.r, like)
+            like = next(iter(list(layer.parameters()) + list(layer.buffers())))
+            shared[key] = TiedFactors(layer.in_features, layer.out_features, cfg.r,
+                                      like if like.is_floating_point() else like.float())
         elif shared[key].A.shape[1] != layer.in_features or shared[key].B.shape[0] != layer.out_features:
             raise ValueError(f"layers named {key!r} differ in shape ({name}: {layer.in_features}→"
                              f"{layer.out_features}); tying needs equal shapes, target them separately")
-        layers[name] = TiedLoraLinear(layer, shared[key], cfg.alpha)
-    freeze_base(model)
-    for name, layer in layers.items():
-        replace_module(model, name, layer)
+        return TiedLoraLinear(layer, shared[key], cfg.alpha)
+
+    for layer in wrap_modules(model, cfg.target_modules, make, skip=(TiedLoraLinear,)).values():
         layer.u.requires_grad_(cfg.train_uv)
         layer.v.requires_grad_(cfg.train_uv)
         layer.shared.A.requires_grad_(cfg.train_ab)
