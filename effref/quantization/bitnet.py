@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effref.quantization.driver import quantize_model
+from effref.quantization.qat import share_linear
 from effref.runtime import progress_bar
 
 
@@ -72,12 +73,7 @@ class BitLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, cfg: BitNetConfig | None = None) -> BitLinear:
         """Share ``linear``'s parameters (no copy)."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight, module.bias = linear.weight, linear.bias
+        module = share_linear(cls, linear)
         module.cfg = BitNetConfig() if cfg is None else cfg
         return module
 

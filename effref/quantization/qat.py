@@ -66,6 +66,17 @@ def ste_fake_quantize(x: torch.Tensor, cfg: QuantConfig, clip_ratio: float = 1.0
     return out.reshape(x.shape).to(x.dtype)
 
 
+def share_linear(cls: type[nn.Linear], linear: nn.Linear) -> nn.Linear:
+    """A new ``cls`` (an nn.Linear subclass) holding ``linear``'s very weight and bias tensors (no copy)."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+    module = cls.__new__(cls)
+    nn.Module.__init__(module)
+    module.in_features, module.out_features = linear.in_features, linear.out_features
+    module.weight, module.bias = linear.weight, linear.bias
+    return module
+
+
 class QATLinear(nn.Linear):
     """nn.Linear whose forward fake-quantizes its weight (and optionally its input) with the STE."""
 
@@ -75,12 +86,7 @@ class QATLinear(nn.Linear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_cfg: QuantConfig, a_cfg: QuantConfig | None = None) -> QATLinear:
         """Share ``linear``'s parameters (no copy); activations are quantized per token when ``a_cfg`` is given."""
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.in_features, module.out_features = linear.in_features, linear.out_features
-        module.weight, module.bias = linear.weight, linear.bias
+        module = share_linear(cls, linear)
         module.w_cfg, module.a_cfg = w_cfg, a_cfg
         w_cfg.check_input_dim(linear.in_features)
         return module
