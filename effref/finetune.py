@@ -234,6 +234,7 @@ def split_top_layers(model: nn.Module, task: NovelTask, n_top: int, batch_size: 
         inner.layers, inner.norm = saved
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = n_top
+    config.use_cache = False  # the shared attention layers keep their original layer indices: no KV cache here
     top = LlamaForCausalLM(config).to(device=device, dtype=next(model.parameters()).dtype)
     top.model.layers = nn.ModuleList(saved[0][n_layers - n_top:])
     top.model.norm, top.model.rotary_emb = inner.norm, inner.rotary_emb

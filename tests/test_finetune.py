@@ -111,6 +111,8 @@ def test_split_top_layers_gives_the_full_models_logits_and_shares_weights():
     assert cached.train_ids.shape == (*task.train_ids.shape, 64)
     torch.testing.assert_close(last_logits(top, cached.test_ids), last_logits(model, task.test_ids))
     assert evaluate(top, cached) == evaluate(model, task)
+    torch.testing.assert_close(top(inputs_embeds=cached.test_ids[:2]).logits[:, -1],
+                               model(task.test_ids[:2]).logits[:, -1])  # a plain call works too
     assert top.model.layers[0] is model.model.layers[1] and top.lm_head is model.lm_head
     with pytest.raises(ValueError, match="n_top=3"):
         split_top_layers(model, task, n_top=3, progress=False)
