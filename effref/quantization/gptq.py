@@ -143,8 +143,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig | None
             err = (col - q) / U1[jj, jj]  # err_j
             W1[:, jj:] -= err[:, None] * U1[jj, jj:][None, :]  # OBQ update inside the block
             Err1[:, jj] = err
-            loss += err.pow(2).sum()
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # lazy batch update of everything after the block
+        loss += Err1.double().pow(2).sum()
     out = grid.result()
     out["loss"] = float(loss)
     return out

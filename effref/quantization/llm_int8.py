@@ -72,7 +72,8 @@ def llm_int8_layer(linear: nn.Linear, stats: LayerInputs | None = None, threshol
 
 def llm_int8_model(model: nn.Module, calib_batches: torch.Tensor | None = None, threshold: float = 6.0,
                    **driver) -> nn.Module:
-    """Model-level LLM.int8(); with ``calib_batches`` the usual outlier columns get float16 weight copies."""
-    needs = ("abs_max",) if calib_batches is not None else ()
+    """Model-level LLM.int8(); with ``calib_batches`` (or shared ``stats``) the usual outlier columns get
+    float16 weight copies."""
+    needs = ("abs_max",) if calib_batches is not None or driver.get("stats") is not None else ()
     return quantize_model(model, lambda name, linear, stats: llm_int8_layer(linear, stats, threshold),
                           calib_batches, needs=needs, desc="LLM.int8()", **driver)
