@@ -11,8 +11,9 @@ Implements:
   greedy verification: from the root, follow the child whose token equals the target's argmax at the current
   node; the accepted path plus the target's argmax at its last node (the "bonus" token) is exactly what
   token-by-token greedy decoding produces;
-  moving the accepted path's keys/values into consecutive cache slots, and the loop ``tree_generate`` that
-  every greedy draft-and-verify scheme of this package shares (only the proposer differs).
+  moving the accepted path's keys/values into consecutive cache slots; one round of all that is ``tree_step``
+  (what a serving engine would call per sequence), and ``tree_generate`` loops it for every greedy
+  draft-and-verify scheme of this package (only the proposer differs).
 Glossary: T tree nodes in one pass · R keys the mask covers (the last R of S) · base position of the root
           · path accepted node indices (path[0] = 0) · bonus the target's argmax after the path
           · history every committed token; the cache holds all of it but the last ("pending") one.
@@ -182,6 +183,29 @@ class TreeProposer:
 
 
 @torch.no_grad()
+def tree_step(model: Llama, cache: KVCache, history: list[int], hidden: torch.Tensor,
+              proposer: TreeProposer) -> tuple[list[int], torch.Tensor, int]:
+    """One propose-verify-commit round: appends the new tokens to ``history`` (whose last token is pending,
+    i.e. not yet in ``cache``) and returns them, the hidden state that predicted the new pending token, and
+    the number of proposed tokens. A serving engine can call this per sequence and iteration."""
+    tokens, parents = proposer.propose(history, hidden)
+    if tokens[0] != history[-1] or len(tokens) != len(parents) or len(tokens) > proposer.max_nodes:
+        raise ValueError(f"{type(proposer).__name__} proposed {len(tokens)} tokens / {len(parents)} parents rooted "
+                         f"at {tokens[0]}; need the pending token {history[-1]} as root and at most "
+                         f"max_nodes={proposer.max_nodes} nodes")
+    base = cache.length
+    ids = torch.tensor([tokens], device=hidden.device)  # (1, T)
+    logits, hid = forward_tokens(model, ids, cache, base + tree_depths(parents), tree_mask(parents))
+    predicted = logits[0].argmax(-1).tolist()  # (T,) the target's greedy choice after every node
+    path = verify_tree_greedy(tokens, parents, predicted)
+    commit_path(cache, base, path)
+    proposer.observe(tokens, parents, predicted, path)
+    new = [tokens[i] for i in path[1:]] + [predicted[path[-1]]]
+    history += new
+    return new, hid[0, path[-1]], len(tokens) - 1  # (d_model,) hidden state at the last accepted node
+
+
+@torch.no_grad()
 def tree_generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, proposer: TreeProposer,
                   eos_id: int | None = None) -> DecodeResult:
     """Greedy decoding accelerated by ``proposer``: output identical to ``model.generate(prompt, n)``."""
@@ -193,22 +217,9 @@ def tree_generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int, propo
     hidden, result = hidden[0, -1], DecodeResult(prompt, prompt.shape[1])
     end = prompt.shape[1] + max_new_tokens
     while len(history) < end and not (eos_id is not None and eos_id in history[prompt.shape[1]:]):
-        tokens, parents = proposer.propose(history, hidden)
-        if tokens[0] != history[-1] or len(tokens) != len(parents) or len(tokens) > proposer.max_nodes:
-            raise ValueError(f"{type(proposer).__name__} proposed {len(tokens)} tokens / {len(parents)} parents "
-                             f"rooted at {tokens[0]}; need the pending token {history[-1]} as root and at most "
-                             f"max_nodes={proposer.max_nodes} nodes")
-        base = cache.length
-        ids = torch.tensor([tokens], device=prompt.device)  # (1, T)
-        logits, hid = forward_tokens(model, ids, cache, base + tree_depths(parents), tree_mask(parents))
-        predicted = logits[0].argmax(-1).tolist()  # (T,) the target's greedy choice after every node
-        path = verify_tree_greedy(tokens, parents, predicted)
-        commit_path(cache, base, path)
-        proposer.observe(tokens, parents, predicted, path)
-        history += [tokens[i] for i in path[1:]] + [predicted[path[-1]]]
-        hidden = hid[0, path[-1]]  # (d_model,)
-        result.emitted.append(len(path))
-        result.proposed.append(len(tokens) - 1)
+        new, hidden, proposed = tree_step(model, cache, history, hidden, proposer)
+        result.emitted.append(len(new))
+        result.proposed.append(proposed)
     new = history[prompt.shape[1]:end]
     if eos_id is not None and eos_id in new:
         new = new[:new.index(eos_id) + 1]

@@ -56,7 +56,7 @@ def layer_skip_draft(model: Llama, keep: int | Sequence[int], lens: nn.Module | 
     return draft
 
 
-def _run_blocks(model: Llama, x: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+def run_blocks(model: Llama, x: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
     """The residual stream (B, T, d_model) after running ``layers`` of ``model`` on x, without a cache."""
     cos, sin = model.rope_cos[:x.shape[1]], model.rope_sin[:x.shape[1]]  # (T, d_head) each
     for i in layers:
@@ -73,11 +73,11 @@ def fit_lens(model: Llama, keep: int | Sequence[int], calib_ids: torch.Tensor, r
     if ridge < 0:
         raise ValueError(f"ridge={ridge} must be >= 0")
     layers, d = _as_layers(model, keep), model.cfg.d_model
-    h = _run_blocks(model, model.embed(calib_ids), layers)  # (B, T, d) the draft's residual stream
+    h = run_blocks(model, model.embed(calib_ids), layers)  # (B, T, d) the draft's residual stream
     if layers == list(range(len(layers))):  # a prefix of the blocks: the target continues from h
-        y = _run_blocks(model, h, range(len(layers), model.cfg.n_layers))
+        y = run_blocks(model, h, range(len(layers), model.cfg.n_layers))
     else:
-        y = _run_blocks(model, model.embed(calib_ids), range(model.cfg.n_layers))
+        y = run_blocks(model, model.embed(calib_ids), range(model.cfg.n_layers))
     x, y = h.reshape(-1, d).double(), y.reshape(-1, d).double()  # (N, d) draft and target residuals
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)  # (N, d + 1)
     gram = x.T @ x  # (d + 1, d + 1)

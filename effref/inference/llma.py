@@ -1,7 +1,7 @@
 """LLMA: inference with reference — copy a span of a related text as the draft, verify it in one pass.
 
-Paper: Yang, Huang, Ge, Jiao, Jiang, Wang, Wei (2023), "Inference with Reference: Lossless Acceleration of
-Large Language Models", arXiv:2304.04487 — §2 (match-and-copy trigger, parallel verification).
+Paper: Yang, Ge, Wang, Jiao, Jiang, Yang, Majumder, Wei (2023), "Inference with Reference: Lossless
+Acceleration of Large Language Models", arXiv:2304.04487 — §2 (match-and-copy trigger, parallel verification).
 Implements: when the last n generated tokens (the pending one included) occur in a reference token sequence,
 the k tokens that follow that occurrence are copied as a chain of drafts; the model checks them in one
 forward pass and keeps the prefix greedy decoding agrees with, plus its own next token

@@ -26,6 +26,7 @@ from torch import nn
 
 from effref.data import calibration_batches
 from effref.inference.decoding import DecodeResult, TreeProposer, tree_generate
+from effref.inference.drafts import run_blocks
 from effref.models.llama import Llama
 from effref.runtime import progress_bar
 
@@ -48,16 +49,10 @@ class MedusaHeads(nn.Module):
         return torch.stack([F.linear(hidden + F.silu(res(hidden)), weight) for res in self.residual])
 
 
-def _hidden_states(model: Llama, ids: torch.Tensor) -> torch.Tensor:
-    """The backbone's final (normed) hidden states for ids (B, T): (B, T, d_model)."""
-    seen = []
-    handle = model.norm.register_forward_hook(lambda module, args, out: seen.append(out))
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        handle.remove()
-    return seen[-1]
+@torch.no_grad()
+def hidden_states(model: Llama, ids: torch.Tensor) -> torch.Tensor:
+    """The backbone's final (normed) hidden states for ids (B, T): (B, T, d_model), without the LM head."""
+    return model.norm(run_blocks(model, model.embed(ids), range(model.cfg.n_layers)))
 
 
 def train_medusa_heads(model: Llama, heads: MedusaHeads, ids: torch.Tensor, steps: int, seq_len: int = 128,
@@ -68,7 +63,7 @@ def train_medusa_heads(model: Llama, heads: MedusaHeads, ids: torch.Tensor, step
         raise ValueError(f"steps={steps}, positions_per_step={positions_per_step}: need both >= 1")
     K = len(heads.residual)
     windows = calibration_batches(ids, n_windows, seq_len, seed=seed)  # (n_windows, seq_len)
-    hidden = _hidden_states(model, windows)[:, :seq_len - K - 1].reshape(-1, model.cfg.d_model)  # (M, d)
+    hidden = hidden_states(model, windows)[:, :seq_len - K - 1].reshape(-1, model.cfg.d_model)  # (M, d)
     targets = torch.stack([windows[:, k + 2:seq_len - K + k + 1].reshape(-1) for k in range(K)])  # (K, M)
     weights = torch.tensor([0.8 ** (k + 1) for k in range(K)])  # λ_k
     optimizer = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
