@@ -25,6 +25,15 @@ from effref.quantization.qat import (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Training a tiny model: a second thread costs more than it saves (far more on a shared CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("clip_ratio", [1.0, 0.6])
 def test_ste_gradient_is_identity_inside_the_clip_range_and_zero_outside(symmetric, clip_ratio):
