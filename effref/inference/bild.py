@@ -1,7 +1,7 @@
 """BiLD, the Big Little Decoder: the draft decides when to ask, the target decides what to undo.
 
 Paper: Kim, Mangalam, Moon, Malik, Mahoney, Gholami, Keutzer (2023), "Speculative Decoding with Big Little
-Decoder", arXiv:2302.07863 — §3.3 (fallback policy, rollback policy).
+Decoder", arXiv:2302.07863 — §3 (the fallback policy and the rollback policy).
 Implements (greedy decoding):
   fallback: the little model generates token by token while its top probability max_y p_S(y | ·) ≥ α_FB
   (and at most N_max tokens are waiting); when it is unsure, control falls back to the big model, which runs

@@ -64,26 +64,51 @@ def run_blocks(model: Llama, x: torch.Tensor, layers: Sequence[int]) -> torch.Te
     return x
 
 
-@torch.no_grad()
-def fit_lens(model: Llama, keep: int | Sequence[int], calib_ids: torch.Tensor, ridge: float = 1e-2) -> nn.Linear:
-    """Fit the affine lens of a ``keep`` draft on ``calib_ids`` (B, T): ridge regression of h_L on h_keep."""
-    if calib_ids.ndim != 2 or calib_ids.numel() < 2 * model.cfg.d_model:
-        raise ValueError(f"calib_ids {tuple(calib_ids.shape)}: need (B, T) with at least 2·d_model="
-                         f"{2 * model.cfg.d_model} tokens for a well-posed {model.cfg.d_model}² fit")
-    if ridge < 0:
-        raise ValueError(f"ridge={ridge} must be >= 0")
-    layers, d = _as_layers(model, keep), model.cfg.d_model
-    h = run_blocks(model, model.embed(calib_ids), layers)  # (B, T, d) the draft's residual stream
-    if layers == list(range(len(layers))):  # a prefix of the blocks: the target continues from h
-        y = run_blocks(model, h, range(len(layers), model.cfg.n_layers))
-    else:
-        y = run_blocks(model, model.embed(calib_ids), range(model.cfg.n_layers))
+def _ridge_lens(h: torch.Tensor, y: torch.Tensor, ridge: float) -> nn.Linear:
+    """The affine map h -> y (both (..., d)) minimising ‖[h 1][A b]ᵀ − y‖² + λ‖·‖², as an nn.Linear."""
+    d = h.shape[-1]
     x, y = h.reshape(-1, d).double(), y.reshape(-1, d).double()  # (N, d) draft and target residuals
     x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype, device=x.device)], dim=1)  # (N, d + 1)
     gram = x.T @ x  # (d + 1, d + 1)
     gram += ridge * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     solution = torch.linalg.solve(gram, x.T @ y)  # (d + 1, d): [Aᵀ; b]
-    lens = nn.Linear(d, d).to(device=calib_ids.device, dtype=model.embed.weight.dtype)
+    lens = nn.Linear(d, d).to(device=h.device, dtype=h.dtype)
     lens.weight.copy_(solution[:d].T)
     lens.bias.copy_(solution[d])
     return lens
+
+
+def _check_calibration(model: Llama, calib_ids: torch.Tensor, ridge: float) -> None:
+    if calib_ids.ndim != 2 or calib_ids.numel() <= model.cfg.d_model:
+        raise ValueError(f"calib_ids {tuple(calib_ids.shape)}: need (B, T) with more than d_model="
+                         f"{model.cfg.d_model} tokens (a lens has d_model + 1 unknowns per output)")
+    if ridge < 0:
+        raise ValueError(f"ridge={ridge} must be >= 0")
+
+
+@torch.no_grad()
+def fit_lens(model: Llama, keep: int | Sequence[int], calib_ids: torch.Tensor, ridge: float = 1e-2) -> nn.Linear:
+    """Fit the affine lens of a ``keep`` draft on ``calib_ids`` (B, T): ridge regression of h_L on h_keep."""
+    _check_calibration(model, calib_ids, ridge)
+    layers = _as_layers(model, keep)
+    h = run_blocks(model, model.embed(calib_ids), layers)  # (B, T, d) the draft's residual stream
+    if layers == list(range(len(layers))):  # a prefix of the blocks: the target continues from h
+        y = run_blocks(model, h, range(len(layers), model.cfg.n_layers))
+    else:
+        y = run_blocks(model, model.embed(calib_ids), range(model.cfg.n_layers))
+    return _ridge_lens(h, y, ridge)
+
+
+@torch.no_grad()
+def fit_prefix_lenses(model: Llama, ks: Sequence[int], calib_ids: torch.Tensor,
+                      ridge: float = 1e-2) -> dict[int, nn.Linear]:
+    """``fit_lens`` for the drafts "first k blocks", every k in ``ks``, from one forward pass."""
+    _check_calibration(model, calib_ids, ridge)
+    for k in ks:
+        _as_layers(model, k)
+    x, seen = model.embed(calib_ids), {}
+    for i in range(model.cfg.n_layers):
+        x = run_blocks(model, x, [i])  # (B, T, d)
+        if i + 1 in ks:
+            seen[i + 1] = x
+    return {k: _ridge_lens(seen[k], x, ridge) for k in ks}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from effref.inference.drafts import fit_lens, layer_skip_draft
+from effref.inference.drafts import fit_lens, fit_prefix_lenses, layer_skip_draft
 
 
 @torch.no_grad()
@@ -63,6 +63,15 @@ def test_lens_beats_the_identity_on_its_calibration_data(tiny_llama, random_ids)
         torch.testing.assert_close(layer_skip_draft(model, 1, lens)(ids), model.lm_head(model.norm(lens(early))))
 
 
+def test_lenses_from_one_pass_equal_lenses_fitted_one_by_one(tiny_llama, random_ids) -> None:
+    model, ids = tiny_llama(scale=1.0), random_ids(4, 40)
+    together = fit_prefix_lenses(model, (1, 2), ids)
+    for k in (1, 2):
+        alone = fit_lens(model, k, ids)
+        torch.testing.assert_close(together[k].weight, alone.weight)
+        torch.testing.assert_close(together[k].bias, alone.bias)
+
+
 @pytest.mark.parametrize("keep, message", [
     (0, "keep=0"), (4, "keep=4"), ([2, 1], "strictly increasing"), ([0, 0], "strictly increasing"),
     ([3], "keep=\\[3\\]"), ([], "keep=\\[\\]"),
@@ -73,7 +82,7 @@ def test_bad_keep_is_rejected(tiny_llama, keep, message: str) -> None:
 
 
 def test_bad_lens_arguments_are_rejected(tiny_llama, random_ids) -> None:
-    with pytest.raises(ValueError, match="at least 2·d_model=64"):
-        fit_lens(tiny_llama(), 1, random_ids(1, 10))
+    with pytest.raises(ValueError, match="more than d_model=32"):
+        fit_lens(tiny_llama(), 1, random_ids(1, 30))
     with pytest.raises(ValueError, match="ridge=-1"):
         fit_lens(tiny_llama(), 1, random_ids(4, 40), ridge=-1)
