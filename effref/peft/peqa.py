@@ -23,10 +23,9 @@ import torch
 from torch import nn
 
 from effref.peft.core import find_linears, freeze_base, replace_module
+from effref.peft.qlora import LLAMA_LINEARS
 from effref.quantization.basics import QuantConfig, pack, quantize, unpack
 from effref.runtime import progress_bar
-
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
