@@ -20,7 +20,7 @@ Left out: the paper's exact sensitivity formula and its interaction with quantiz
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ from effref.compression.hessian import damped_hessian
 
 
 def layer_saliency(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01,
-                   diag_inv: torch.Tensor | None = None) -> torch.Tensor:
+                   diag_inv: torch.Tensor | None = None, relative: bool = True) -> torch.Tensor:
     """Sorted (ascending) relative OBS saliencies ε_ij / tr(W H Wᵀ) of one layer, flattened, float32.
 
     ``diag_inv`` = diag of the damped H⁻¹, when already known (layers reading one input share it).
@@ -39,22 +39,25 @@ def layer_saliency(weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.
     if diag_inv is None:
         diag_inv = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(H)))  # (in,) [H⁻¹]_jj
     W = weight.float()  # (out, in)
-    energy = (W @ H.float()).mul_(W).sum().double()  # tr(W H Wᵀ), one matmul
+    energy = (W @ H.float()).mul_(W).sum().double() if relative else 1.0  # tr(W H Wᵀ), one matmul
     return (W.double().pow(2) / diag_inv[None, :] / energy).float().reshape(-1).sort().values  # (out·in,)
 
 
 def hessian_sensitivity_sparsities(model: nn.Module, stats: Mapping[str, InputStats], sparsity: float,
-                                   spread: float = 0.1, damp: float = 0.01) -> dict[str, float]:
+                                   spread: float = 0.1, damp: float = 0.01, relative: bool = True,
+                                   block_ids: Sequence[int] | None = None) -> dict[str, float]:
     """Per-layer sparsities for the block linears of ``model`` whose zeros add up to round(s · Σ n_l) exactly.
 
-    ``stats`` maps each linear's full name to its ``InputStats`` with a hessian (``collect_input_stats``).
+    ``stats`` maps each linear's full name to its ``InputStats`` with a hessian (``collect_input_stats``);
+    ``relative=False`` ranks raw OBS saliencies instead of relative ones; ``block_ids`` restricts the blocks.
     """
     if not 0 <= sparsity < 1:
         raise ValueError(f"sparsity={sparsity} must be in [0, 1)")
     if not 0 <= spread <= 1:
         raise ValueError(f"spread={spread} must be in [0, 1] (the largest per-layer deviation from sparsity)")
     prefix, _ = find_blocks(model)
-    layers = {f"{prefix}.{i}.{name}": m for i, found in block_linears(model).items() for name, m in found.items()}
+    layers = {f"{prefix}.{i}.{name}": m for i, found in block_linears(model, block_ids=block_ids).items()
+              for name, m in found.items()}
     missing = [name for name in layers if name not in stats or stats[name].hessian is None]
     if missing:
         raise ValueError(f"stats lack a hessian for {missing[:3]} (and {max(len(missing) - 3, 0)} more); collect "
@@ -72,7 +75,7 @@ def hessian_sensitivity_sparsities(model: nn.Module, stats: Mapping[str, InputSt
         H = stats[n].hessian
         if id(H) not in inverses:
             inverses[id(H)] = torch.diagonal(torch.cholesky_inverse(torch.linalg.cholesky(damped_hessian(H, damp)[0])))
-        candidates[n] = layer_saliency(m.weight.detach(), H, damp, inverses[id(H)])[lo[n]:hi[n]]
+        candidates[n] = layer_saliency(m.weight.detach(), H, damp, inverses[id(H)], relative)[lo[n]:hi[n]]
     extra = total - sum(lo.values())
     counts = dict(lo)
     if extra > 0:

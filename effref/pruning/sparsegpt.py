@@ -66,22 +66,24 @@ def sparsegpt_prune(weight: torch.Tensor, stats: InputStats, cfg: PruneConfig | 
     counts = split_count(round(cfg.sparsity * rows * cols), [rows * w for w in widths])  # weights per block
     for i1, width, k_block in zip(starts, widths, counts):
         i2 = i1 + width
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]  # (out, B), (B, B)
+        # The block is held transposed, (B, out): column j of W is the contiguous row j of W1.
+        W1, U1 = W[:, i1:i2].T.clone(), U[i1:i2, i1:i2]  # (B, out), (B, B)
         d = torch.diagonal(U1)  # (B,) U_jj
-        E1 = torch.zeros_like(W1)  # (out, B) scaled errors, applied to later blocks in one go
+        E1 = torch.empty_like(W1)  # (B, out) scaled errors, applied to later blocks in one go
         # §3.3 adaptive mask selection: Eq. 7 saliency w²/[H⁻¹]_jj, chosen for the whole block at once
-        M1 = torch.zeros_like(W1, dtype=torch.bool) if cfg.nm else lowest(W1.pow(2) / d.pow(2), k_block)
+        M1 = torch.zeros_like(W1, dtype=torch.bool) if cfg.nm else lowest(W1.pow(2) / d.pow(2)[:, None], k_block)
+        scale = M1.to(dtype) / d[:, None]  # (B, out) 1/U_jj where pruned, 0 where kept
         for j in range(width):
             if cfg.nm and j % cfg.nm[1] == 0:  # §3.4: N:M masks chosen M columns at a time, just in time
                 m = cfg.nm[1]
-                M1[:, j:j + m] = nm_mask(W1[:, j:j + m].pow(2) / d[j:j + m].pow(2), *cfg.nm)
-            err = torch.where(M1[:, j], W1[:, j], 0.0) / d[j]  # (out,) (w − q)/U_jj with q = 0 where pruned
-            W1[:, j:] -= err[:, None] * U1[j, j:][None, :]  # Eq. 5: OBS update of the columns ≥ j
-            E1[:, j] = err
+                M1[j:j + m] = nm_mask((W1[j:j + m].pow(2) / d[j:j + m].pow(2)[:, None]).T, *cfg.nm).T
+                scale[j:j + m] = M1[j:j + m].to(dtype) / d[j:j + m, None]
+            torch.mul(W1[j], scale[j], out=E1[j])  # (out,) err = (w − q)/U_jj with q = 0 where pruned
+            W1[j:].addr_(U1[j, j:], E1[j], alpha=-1)  # Eq. 5: OBS update of the columns ≥ j
         W1[M1] = 0.0  # exact zeros (the update already drove them to ~0)
-        W[:, i1:i2] = W1
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # lazy batch update of every later column: (out, B) @ (B, rest)
-        mask[:, i1:i2] = M1
+        W[:, i1:i2] = W1.T
+        W[:, i2:] -= E1.T @ U[i1:i2, i2:]  # lazy batch update of every later column: (out, B) @ (B, rest)
+        mask[:, i1:i2] = M1.T
     return W.to(weight.dtype), mask
 
 
