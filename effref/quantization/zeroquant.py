@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effref.quantization.basics import QuantConfig, fake_quantize, quantize
+from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import quantize_model
 from effref.quantization.linear import QuantLinear
 
@@ -63,10 +63,16 @@ class WAQuantConfig:
 
 
 def quantize_activations(x: torch.Tensor, bits: int, granularity: str) -> torch.Tensor:
-    """Dynamic symmetric fake quantization of x (..., C): one scale per token (row) or for the whole tensor."""
-    cfg = QuantConfig(bits=bits, granularity="channel" if granularity == "token" else "tensor",
-                      symmetric=True, scale_dtype=torch.float32)
-    return fake_quantize(x.reshape(-1, x.shape[-1]), cfg).reshape(x.shape)  # rows of (T, C) are tokens
+    """Dynamic symmetric fake quantization of x (..., C): one scale per token (row) or for the whole tensor.
+
+    The same numbers as ``basics.fake_quantize`` with a symmetric fp32-scale config (the tests check it),
+    written as four tensor operations because it runs on every activation of every forward pass.
+    """
+    q_max = 2 ** (bits - 1) - 1
+    x32 = x.float()
+    absmax = x32.abs().amax(dim=-1, keepdim=True) if granularity == "token" else x32.abs().amax()  # (..., 1) or ()
+    scale = (absmax / q_max).clamp(min=torch.finfo(torch.float32).tiny)  # s = max|x| / (2^(b−1) − 1)
+    return (torch.round(x32 / scale).clamp_(-q_max, q_max) * scale).to(x.dtype)  # s · clamp(round(x / s))
 
 
 class WAQuantLinear(QuantLinear):
