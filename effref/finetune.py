@@ -206,9 +206,10 @@ def split_top_layers(model: nn.Module, task: NovelTask, n_top: int, batch_size: 
 
     The bottom layers are frozen in every method of a fine-tuning comparison that only adapts the top
     layers, so their outputs are computed once here and the training loop runs (and back-propagates)
-    through the top layers only. The returned model is a ``LlamaForCausalLM`` of ``n_top`` layers that
-    *shares* the top layers, final norm and LM head with ``model`` and is fed the cached hidden states as
-    ``inputs_embeds``: its logits equal the full model's (a test checks this). Every example's hidden
+    through the top layers only. The returned model is a ``LlamaForCausalLM`` of ``n_top`` layers: a copy of
+    the top layers (a method may wrap them without touching ``model``), sharing the final norm and LM head,
+    fed the cached hidden states as ``inputs_embeds``; its logits equal the full model's (a test checks
+    this). Every example's hidden
     states are (T, d) floats, so the task's ids become (n, T, d).
     """
     from transformers import LlamaForCausalLM
@@ -234,9 +235,12 @@ def split_top_layers(model: nn.Module, task: NovelTask, n_top: int, batch_size: 
         inner.layers, inner.norm = saved
     config = copy.deepcopy(model.config)
     config.num_hidden_layers = n_top
-    config.use_cache = False  # the shared attention layers keep their original layer indices: no KV cache here
     top = LlamaForCausalLM(config).to(device=device, dtype=next(model.parameters()).dtype)
-    top.model.layers = nn.ModuleList(saved[0][n_layers - n_top:])
+    top.model.layers = copy.deepcopy(nn.ModuleList(saved[0][n_layers - n_top:]))  # a copy: PEFT wraps them
+    for index, layer in enumerate(top.model.layers):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index  # its KV-cache slot in the smaller model
     top.model.norm, top.model.rotary_emb = inner.norm, inner.rotary_emb
     top.model.embed_tokens, top.lm_head = inner.embed_tokens, model.lm_head
     top.eval()

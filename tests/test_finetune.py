@@ -113,7 +113,10 @@ def test_split_top_layers_gives_the_full_models_logits_and_shares_weights():
     assert evaluate(top, cached) == evaluate(model, task)
     torch.testing.assert_close(top(inputs_embeds=cached.test_ids[:2]).logits[:, -1],
                                model(task.test_ids[:2]).logits[:, -1])  # a plain call works too
-    assert top.model.layers[0] is model.model.layers[1] and top.lm_head is model.lm_head
+    assert top.lm_head is model.lm_head and top.model.layers[0] is not model.model.layers[1]
+    assert top.model.layers[0].self_attn.layer_idx == 0 and model.model.layers[1].self_attn.layer_idx == 1
+    out = top(inputs_embeds=cached.test_ids[:1], use_cache=True)  # a cache of the top model's own size works
+    assert out.past_key_values.get_seq_length() == cached.test_ids.shape[1]
     with pytest.raises(ValueError, match="n_top=3"):
         split_top_layers(model, task, n_top=3, progress=False)
     with pytest.raises(TypeError, match="LlamaForCausalLM"):

@@ -4,13 +4,13 @@ Paper: Chen, Qian, Tang, Lai, Liu, Han, Jia (2024), "LongLoRA: Efficient Fine-tu
 Language Models", arXiv:2309.12307 — §3.2 (S²-Attn, Fig. 2 and Algorithm 1), §3.3 (LoRA plus trainable
 embeddings and norms).
 Implements: for a sequence of T tokens split into groups of G (T divisible by G), the first half of the heads
-attends causally within groups [0, G), [G, 2G), …; the second half does the same after the tokens are
+attends causally within groups [0, G), [G, 2G), …; the other ⌊H/2⌋ heads do the same after the tokens are
 rolled by G/2, so its groups are [G/2, 3G/2), … and the wrap-around group {T − G/2 … T − 1, 0 … G/2 − 1};
 information flows between neighbouring groups through the shifted heads. Each query sees at most G keys,
 so attention costs O(T·G) instead of O(T²). Inside every group the causal mask is taken on the tokens'
 *original* positions, so the wrap-around group never lets the first tokens see the last ones (the rolled
 order of the paper's code would). S²-Attn is used for fine-tuning only; inference uses full attention.
-Glossary: T sequence length · G ``group_size`` · H heads (H/2 shifted) · d_head head width.
+Glossary: T sequence length · G ``group_size`` · H heads (the last ⌊H/2⌋ shifted: SmolLM2 has 9) · d_head.
 Left out: the flash-attention kernels of the paper's code; training embeddings and norms is a matter of
           ``requires_grad_`` on those parameters next to ``apply_lora``.
 """
@@ -26,30 +26,32 @@ ATTENTION_NAME = "s2_attn"
 
 def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group_size: int,
                              scale: float | None = None) -> torch.Tensor:
-    """S²-Attn of q, k, v (B, H, T, d_head) with H even and T divisible by ``group_size``: (B, H, T, d_head)."""
-    B, H, T, D = q.shape
+    """S²-Attn of q, k (B, H, T, d_head) and v (B, H, T, d_v), T divisible by ``group_size``: (B, H, T, d_v)."""
+    B, H, T = q.shape[:3]
     G = group_size
-    if k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must have the same shape (B, H, T, d_head); got {tuple(q.shape)}, "
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k, v must be (B, H, T, ·) with q and k alike; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)} (repeat grouped key/value heads first)")
-    if H % 2:
-        raise ValueError(f"S²-Attn shifts half of the heads; H={H} heads is odd")
+    if H < 2:
+        raise ValueError(f"S²-Attn shifts half of the heads; H={H} leaves none to shift")
     if G < 2 or G % 2 or T % G:
         raise ValueError(f"group_size={G} must be even and divide the sequence length T={T}; pad the sequence "
                          f"or pick a divisor of {T}")
-    half = G // 2
-    qkv = torch.stack([q, k, v])  # (3, B, H, T, D)
-    shifted = qkv[:, :, H // 2:].roll(-half, dims=3)  # second half of the heads: token t moves to t − G/2
-    qkv = torch.cat([qkv[:, :, :H // 2], shifted], dim=2).view(3, B, H, T // G, G, D)  # (3, B, H, n_groups, G, D)
+    half, plain = G // 2, H - H // 2  # the last H // 2 heads are shifted (4 of 9 for an odd count)
+
+    def grouped(x: torch.Tensor) -> torch.Tensor:  # (B, H, T, ·) -> (B, H, n_groups, G, ·), shifted heads rolled
+        x = torch.cat([x[:, :plain], x[:, plain:].roll(-half, dims=2)], dim=1)  # token t moves to t − G/2
+        return x.view(B, H, T // G, G, x.shape[-1])
+
     position = torch.arange(T, device=q.device)
     pos_plain = position.view(T // G, G)  # original position of each slot, unshifted heads
     pos_shift = position.roll(-half).view(T // G, G)  # original position of each slot, shifted heads
     mask = torch.stack([pos_plain[:, :, None] >= pos_plain[:, None, :],
                         pos_shift[:, :, None] >= pos_shift[:, None, :]])  # (2, n_groups, G, G): key pos <= query pos
-    mask = mask.repeat_interleave(H // 2, dim=0)  # (H, n_groups, G, G)
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=mask, scale=scale)  # (B, H, ng, G, D)
-    out = out.reshape(B, H, T, D)
-    return torch.cat([out[:, :H // 2], out[:, H // 2:].roll(half, dims=2)], dim=1)  # roll the shifted heads back
+    mask = mask[torch.tensor([0] * plain + [1] * (H - plain), device=q.device)]  # (H, n_groups, G, G)
+    out = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), attn_mask=mask, scale=scale)
+    out = out.reshape(B, H, T, v.shape[-1])  # (B, H, T, d_v)
+    return torch.cat([out[:, :plain], out[:, plain:].roll(half, dims=2)], dim=1)  # roll the shifted heads back
 
 
 def _hf_s2_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

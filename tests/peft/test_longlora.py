@@ -11,7 +11,7 @@ def brute_force_mask(H, T, G):
     """allowed[h, i, j]: same group (shifted by G/2, wrapping around, for the second half of the heads) and j <= i."""
     allowed = torch.zeros(H, T, T, dtype=torch.bool)
     for h in range(H):
-        shift = G // 2 if h >= H // 2 else 0
+        shift = G // 2 if h >= H - H // 2 else 0  # the last H // 2 heads are shifted
         for i in range(T):
             for j in range(T):
                 same = ((i - shift) % T) // G == ((j - shift) % T) // G
@@ -19,11 +19,11 @@ def brute_force_mask(H, T, G):
     return allowed
 
 
-@pytest.mark.parametrize("T, G", [(16, 4), (24, 8), (12, 12)])
-def test_s2_attention_equals_masked_full_attention(T, G):
+@pytest.mark.parametrize("T, G, H", [(16, 4, 4), (24, 8, 4), (12, 12, 4), (16, 4, 3), (8, 2, 9)])
+def test_s2_attention_equals_masked_full_attention(T, G, H):
     g = torch.Generator().manual_seed(T)
-    q, k, v = (torch.randn(2, 4, T, 8, generator=g) for _ in range(3))
-    allowed = brute_force_mask(4, T, G)
+    q, k, v = (torch.randn(2, H, T, 8, generator=g) for _ in range(3))
+    allowed = brute_force_mask(H, T, G)
     scores = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(~allowed, float("-inf"))
     expected = scores.softmax(-1) @ v
     torch.testing.assert_close(shifted_sparse_attention(q, k, v, G), expected, rtol=1e-5, atol=1e-5)
@@ -52,7 +52,7 @@ def test_group_as_long_as_the_sequence_is_full_attention_in_a_model():
 
 
 @pytest.mark.parametrize("shape, G, match", [
-    ((1, 3, 8, 4), 4, "odd"),
+    ((1, 1, 8, 4), 4, "none to shift"),
     ((1, 2, 8, 4), 3, "must be even and divide"),
     ((1, 2, 10, 4), 4, "must be even and divide"),
 ])
@@ -68,3 +68,10 @@ def test_s2_attention_refuses_cached_decoding_and_our_llama():
         model.generate(torch.zeros(1, 8, dtype=torch.long), max_new_tokens=2, do_sample=False)
     with pytest.raises(TypeError, match="not supported"):
         use_s2_attention(load_model("tiny-llama", impl="effref").model, 4)
+
+
+def test_values_may_be_wider_than_keys():
+    q = torch.zeros(1, 2, 8, 4)
+    pattern = shifted_sparse_attention(q, q, torch.eye(8).expand(1, 2, 8, 8), 4)  # rows = attention weights
+    torch.testing.assert_close(pattern.sum(-1), torch.ones(1, 2, 8))
+    assert torch.equal(pattern > 0, brute_force_mask(2, 8, 4)[None])
