@@ -43,14 +43,21 @@ def shifted_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         x = torch.cat([x[:, :plain], x[:, plain:].roll(-half, dims=2)], dim=1)  # token t moves to t − G/2
         return x.view(B, H, T // G, G, x.shape[-1])
 
-    position = torch.arange(T, device=q.device)
-    pos_plain = position.view(T // G, G)  # original position of each slot, unshifted heads
-    pos_shift = position.roll(-half).view(T // G, G)  # original position of each slot, shifted heads
-    mask = torch.stack([pos_plain[:, :, None] >= pos_plain[:, None, :],
-                        pos_shift[:, :, None] >= pos_shift[:, None, :]])  # (2, n_groups, G, G): key pos <= query pos
-    mask = mask[torch.tensor([0] * plain + [1] * (H - plain), device=q.device)]  # (H, n_groups, G, G)
-    out = F.scaled_dot_product_attention(grouped(q), grouped(k), grouped(v), attn_mask=mask, scale=scale)
-    out = out.reshape(B, H, T, v.shape[-1])  # (B, H, T, d_v)
+    gq, gk, gv = grouped(q), grouped(k), grouped(v)  # (B, H, n_groups, G, ·)
+    n_groups, d_v = T // G, v.shape[-1]
+    # Every group is a run of consecutive positions, so plain causal attention inside it is right (and takes
+    # the fused kernel), except the shifted heads' last group, which wraps around: slots hold positions
+    # T − G/2 … T − 1 then 0 … G/2 − 1, and the causal mask must follow those original positions.
+    out = F.scaled_dot_product_attention(gq.reshape(B, H * n_groups, G, -1), gk.reshape(B, H * n_groups, G, -1),
+                                         gv.reshape(B, H * n_groups, G, d_v), is_causal=True, scale=scale)
+    out = out.view(B, H, n_groups, G, d_v)
+    if H > plain:
+        wrapped = torch.arange(T, device=q.device).roll(-half)[-G:]  # original positions in the last group
+        mask = wrapped[:, None] >= wrapped[None, :]  # (G, G): key position <= query position
+        last = F.scaled_dot_product_attention(gq[:, plain:, -1], gk[:, plain:, -1], gv[:, plain:, -1],
+                                              attn_mask=mask, scale=scale)  # (B, H − plain, G, d_v)
+        out = torch.cat([out[:, :, :-1], torch.cat([out[:, :plain, -1], last], dim=1)[:, :, None]], dim=2)
+    out = out.reshape(B, H, T, d_v)
     return torch.cat([out[:, :plain], out[:, plain:].roll(half, dims=2)], dim=1)  # roll the shifted heads back
 
 
