@@ -181,22 +181,28 @@ def task_loss(model: nn.Module, task: NovelTask, ids: torch.Tensor, labels: torc
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, task: NovelTask, batch_size: int = 16, split: str = "test") -> float:
-    """Accuracy: the class whose verbaliser token has the highest logit at the last position."""
+def class_scores(model: nn.Module, task: NovelTask, split: str = "test",
+                 batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The verbaliser logits of every passage of ``split`` and the labels: ((n, C) float, (n,) long), on CPU."""
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     ids, labels = (task.test_ids, task.test_labels) if split == "test" else (task.train_ids, task.train_labels)
     device, was_training = _model_device(model), model.training
     model.eval()
-    correct = 0
+    scores = []
     try:
         for i in range(0, len(ids), batch_size):
             logits = last_logits(model, ids[i:i + batch_size].to(device))  # (b, V)
-            pred = logits[:, task.label_ids.to(device)].argmax(-1).cpu()  # (b,) in 0..C-1
-            correct += int((pred == labels[i:i + batch_size]).sum())
+            scores.append(logits[:, task.label_ids.to(device)].float().cpu())  # (b, C)
     finally:
         model.train(was_training)
-    return correct / len(ids)
+    return torch.cat(scores), labels
+
+
+def evaluate(model: nn.Module, task: NovelTask, batch_size: int = 16, split: str = "test") -> float:
+    """Accuracy: the class whose verbaliser token has the highest logit at the last position."""
+    scores, labels = class_scores(model, task, split, batch_size)
+    return (scores.argmax(-1) == labels).float().mean().item()
 
 
 @torch.no_grad()

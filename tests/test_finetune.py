@@ -8,6 +8,7 @@ import torch
 
 from effref.finetune import (
     byte_tokenizer,
+    class_scores,
     evaluate,
     last_logits,
     novel_task,
@@ -134,3 +135,15 @@ def test_vocabulary_loss_differs_from_class_loss():
     torch.testing.assert_close(task_loss(model, task, x, y), classes)
     with pytest.raises(ValueError, match="over='all'"):
         task_loss(model, task, x, y, over="all")
+
+
+def test_class_scores_give_the_accuracy_and_the_class_loss():
+    model = load_model("tiny-llama", seed=0).model
+    task = toy_task()
+    scores, labels = class_scores(model, task, split="train", batch_size=7)
+    assert scores.shape == (len(task.train_ids), 6)
+    assert (scores.argmax(-1) == labels).float().mean().item() == evaluate(model, task, split="train")
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(scores, labels),
+                               task_loss(model, task, task.train_ids, task.train_labels), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="split='dev'"):
+        evaluate(model, task, split="dev")
