@@ -167,6 +167,12 @@ def _run_block(block: nn.Module, linears: dict[str, nn.Linear], records: list[tu
     return stats, outputs
 
 
+def _check_needs(needs: Collection[str]) -> None:
+    unknown = set(needs) - set(STATS)
+    if unknown:
+        raise ValueError(f"needs={sorted(unknown)} are not known statistics; use a subset of {STATS}")
+
+
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, child, module)
@@ -186,9 +192,7 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
     ``calib_batches`` (n, T) token ids are required when ``needs`` is not empty; see the module docstring
     for ``sequential``. ``target(name, module)`` filters linears; ``block_ids`` restricts the blocks.
     """
-    unknown = set(needs) - set(STATS)
-    if unknown:
-        raise ValueError(f"needs={sorted(unknown)} are not known statistics; use a subset of {STATS}")
+    _check_needs(needs)
     if needs and calib_batches is None:
         raise ValueError(f"this method needs calibration data ({', '.join(sorted(needs))}) but calib_batches=None;"
                          " pass calib_batches=calibration_batches(ids, n, seq_len)")
@@ -229,17 +233,18 @@ def map_linears(model: nn.Module, layer_fn: LayerFn, needs: Collection[str] = ()
                 **walk_kwargs) -> nn.Module:
     """``walk_linears`` whose statistics come from ``calib_batches`` (a sequential walk, the papers' scheme)
     or from ``stats`` gathered beforehand by ``collect_input_stats`` (no forward pass at all)."""
+    _check_needs(needs)
     if stats is None:
         if needs and calib_batches is None:
-            raise ValueError(f"this method needs calibration statistics ({', '.join(sorted(needs))}): pass "
-                             "calib_batches=(n, T) token ids or stats=collect_input_stats(model, calib_batches)")
+            raise ValueError(f"this method needs calibration data ({', '.join(sorted(needs))}) but calib_batches=None;"
+                             " pass calib_batches=(n, T) token ids or stats=collect_input_stats(model, calib_batches)")
         return walk_linears(model, layer_fn, calib_batches, needs, **walk_kwargs)
 
     def from_stats(name: str, linear: nn.Linear, _: InputStats | None) -> nn.Module | None:
         s = stats.get(name)
         missing = [k for k in needs if s is None or getattr(s, k) is None]
         if missing:
-            raise KeyError(f"stats for {name} lack {missing}; collect them with needs={tuple(needs)}")
+            raise ValueError(f"stats for {name} lack {missing}; collect them with needs={tuple(needs)}")
         return layer_fn(name, linear, s)
 
     return walk_linears(model, from_stats, None, (), **walk_kwargs)

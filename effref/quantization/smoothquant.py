@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.quantization.driver import LayerInputs, collect_statistics, find_blocks
+from effref.compression.calibration import find_blocks
+from effref.quantization.driver import LayerInputs, collect_statistics
 from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
 from effref.runtime import progress_bar
 
@@ -84,8 +85,7 @@ def smoothing_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Smo
     unknown = set(kinds) - set(KINDS)
     if unknown:
         raise ValueError(f"kinds={sorted(unknown)} are not known; use a subset of {KINDS}")
-    blocks = find_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix, blocks = find_blocks(model)
     names = next((lay for lay in LAYOUTS if _has_all(blocks[0], lay.values())), None)
     if names is None:
         raise ValueError(f"{type(blocks[0]).__name__} is not a LLaMA block this module knows; supported: "
