@@ -73,6 +73,8 @@ def _build(entry: dict, like: nn.Module) -> nn.Module:
     if cls is None or not hasattr(cls, "from_spec"):
         raise TypeError(f"{entry['class']} in the file is not a class with from_spec; was it renamed?")
     new = cls.from_spec(spec)
+    if getattr(cls, "spec_sets_dtypes", False):  # e.g. QuantLinear: int codes, fp16 scales, fp32 rotations
+        kw.pop("dtype", None)
     return new.to(**kw) if kw else new
 
 
@@ -84,7 +86,8 @@ def load_compressed(model_skeleton: nn.Module, path: str | Path) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         header = (f.metadata() or {}).get(_KEY)
     if header is None:
-        raise ValueError(f"{path} has no {_KEY!r} entry in its header; it was not written by save_compressed")
+        raise ValueError(f"{path} has no {_KEY!r} entry in its header; it was not written by save_compressed "
+                         "(or save_quantized)")
     saved = json.loads(header)
     current = layout(model_skeleton)
     for name, entry in sorted(saved.items(), key=lambda kv: kv[0].count(".")):  # parents before children

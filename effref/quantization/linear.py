@@ -113,6 +113,16 @@ class QuantLinear(nn.Module):
         buffers = {name: torch.zeros(shape, dtype=_DTYPES[dtype]) for name, (dtype, shape) in meta["buffers"].items()}
         return cls(in_features, out_features, meta, buffers)
 
+    # The save/load protocol of effref.compression.io: a JSON spec rebuilds an empty module of the right layout.
+    spec_sets_dtypes = True  # each buffer's dtype is part of the spec: loading must not cast it to the skeleton's
+
+    def spec(self) -> dict:
+        return {"in": self.in_features, "out": self.out_features, "meta": self.meta}
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> QuantLinear:
+        return cls.from_meta(spec["in"], spec["out"], spec["meta"])
+
     def _qtensor(self, meta: dict, prefix: str) -> QTensor:
         numel = 1
         for d in meta["shape"]:

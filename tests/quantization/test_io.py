@@ -78,8 +78,8 @@ def test_bits_per_parameter_matches_a_hand_count():
 @pytest.mark.parametrize("case, error, message", [
     ("no_quant", ValueError, "model has no QuantLinear modules"),
     ("missing_file", FileNotFoundError, "no file at"),
-    ("plain_file", ValueError, "was not written by save_quantized"),
-    ("wrong_skeleton", ValueError, "which the skeleton lacks"),
+    ("plain_file", ValueError, r"was not written by save_compressed \(or save_quantized\)"),
+    ("wrong_skeleton", ValueError, "that the skeleton cannot hold"),
 ])
 def test_bad_arguments_fail_with_clear_messages(tmp_path, case, error, message):
     from safetensors.torch import save_model
