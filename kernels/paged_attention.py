@@ -1,0 +1,306 @@
+"""PagedAttention decode as one Triton kernel: attend to a sequence's KV blocks where they lie.
+
+Paper: Kwon, Li, Zhuang, Sheng, Zheng, Yu, Gonzalez, Zhang, Stoica (2023), "Efficient Memory Management for
+Large Language Model Serving with PagedAttention", arXiv:2309.06180 — §4.1, Eq. 4. The online softmax is
+the one of FlashAttention (Dao et al., 2022, arXiv:2205.14135, Algorithm 1).
+
+A serving engine keeps each layer's KV cache as a pool of fixed-size blocks and gives every sequence a
+block table: its j-th cached token sits in block ``block_tables[i, j // block_size]`` at slot
+``j % block_size``. The PyTorch reference (``effref.serving.paged_attention.paged_attention``) first gathers
+those blocks into a dense copy and then runs ordinary attention: the cache is read, written again as a
+padded copy, and read a third time. This kernel reads every cached key and value exactly once, in place,
+and keeps the softmax running in registers:
+
+    s_j = q·k_j / √d,   m' = max(m, max_j s_j),   ℓ' = ℓ·e^{m − m'} + Σ_j e^{s_j − m'},
+    acc' = acc·e^{m − m'} + Σ_j e^{s_j − m'} v_j,   o = acc / ℓ   after the last tile.
+
+One program serves one (sequence, key/value head) pair and all G = n_heads / n_kv_heads query heads that
+share it (grouped-query attention), so each key is loaded once for the whole group, not G times. A loop
+step covers BLOCK_N consecutive token positions; each position finds its physical block through the table,
+so a step may straddle several cache blocks and the cache block size need not be a power of two.
+
+Why it is memory-bound. Decoding scores one query against L cached tokens: 4·L·d FLOPs per query head
+against 2·L·d cached values read per KV head, i.e. about 2·G/elt_bytes FLOPs per byte — far below any
+GPU's ridge point. The roofline is the time to read the cache once: ``paged_attention_bytes`` below.
+
+Glossary: q (B, H, d) one decode query per sequence · K, V blocks (num_blocks, block_size, H_kv, d)
+          · block_tables (B, max_blocks) · context_lens (B,) = L_i · G = H / H_kv query heads per KV head
+          · m running max, ℓ running sum, acc running Σ p·v (all per query head, fp32)
+          · BLOCK_N tokens per loop step · BLOCK_G = G padded to a power of two (≥ 16 for GPU tl.dot).
+Left out: vLLM's v2 kernel, which also splits a long sequence across programs (see kernels/flash_decoding.py
+for that idea on a contiguous cache); ALiBi, sliding windows, quantized (fp8/int8) blocks; prefill with
+more than one query token per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import kernels
+from effref.serving.paged_attention import paged_attention as paged_attention_reference
+from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LOG2E = 1.4426950408889634  # scores are kept in base 2: e^x = 2^(x·log2 e), and exp2 is the cheaper op
+
+
+@triton.jit
+def online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
+    """Fold one tile of keys/values into the running softmax of BLOCK_G query heads (FlashAttention's update).
+
+    q (BLOCK_G, BLOCK_D), k and v (BLOCK_N, BLOCK_D), valid (BLOCK_N,) marks real tokens; m_i, l_i (BLOCK_G,)
+    and acc (BLOCK_G, BLOCK_D) are fp32. ``qk_scale`` = scale · log2 e, so the exponentials are exp2.
+    Shared with kernels/flash_decoding.py.
+    """
+    if IEEE:  # fp32 inputs on a GPU: no TF32 rounding
+        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_G, BLOCK_N)
+    else:
+        s = tl.dot(q, tl.trans(k))  # (BLOCK_G, BLOCK_N), fp32 accumulation
+    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2-scaled scores; padding never wins
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_G,) finite: every tile holds a valid token
+    alpha = tl.exp2(m_i - m_new)  # (BLOCK_G,) rescales what was summed under the old max (0 on the first tile)
+    p = tl.exp2(s - m_new[:, None])  # (BLOCK_G, BLOCK_N)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")  # (BLOCK_G, BLOCK_D)
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # 16-bit p on tensor cores, as in FlashAttention
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_ptr,  # q, o (B, H, d); k, v (num_blocks, bs, H_kv, d); bt (B, max_blocks)
+    stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+    stride_bt, stride_ob, stride_oh, d_head, qk_scale,
+    GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    heads = kv_head * GROUP + tl.arange(0, BLOCK_G)  # (BLOCK_G,) the query heads that read this KV head
+    head_ok = tl.arange(0, BLOCK_G) < GROUP
+    dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
+    dim_ok = dims < d_head
+    context_len = tl.load(len_ptr + seq)
+
+    # MEMORY-TRAFFIC: reads G·d query values once per program (B·H·d in all).
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+                mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
+    if UPCAST:  # fp32 math: the interpreter gets 16-bit arithmetic wrong
+        q = q.to(tl.float32)
+
+    m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for start in range(0, context_len, BLOCK_N):
+        tokens = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) logical positions in the sequence
+        valid = tokens < context_len
+        # MEMORY-TRAFFIC: reads one int32 block id per token (one per cache block after caching: 4 bytes
+        # per block_size tokens).
+        block = tl.load(bt_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0)  # (BLOCK_N,)
+        block = block.to(tl.int64)  # a pool of num_blocks · bs · H_kv · d elements may pass 2³¹
+        slot = tokens % BLOCK_SIZE
+        kv_mask = valid[:, None] & dim_ok[None, :]
+        # MEMORY-TRAFFIC: reads BLOCK_N·d keys and BLOCK_N·d values of this KV head: the cache's only read.
+        k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
+                    + dims[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
+                    + dims[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        m_i, l_i, acc = online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # (BLOCK_G, BLOCK_D); zeros for an empty context
+    # MEMORY-TRAFFIC: writes G·d outputs once, rounded from fp32 to q's dtype.
+    tl.store(o_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+             out.to(o_ptr.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
+
+
+def _launch_config(group: int, d_head: int, max_len: int, block_n: int | None) -> dict:
+    """Tile sizes: the interpreter pays per program × loop step, a GPU wants tl.dot dimensions ≥ 16."""
+    if kernels.INTERPRETED:
+        cfg = {"BLOCK_G": next_power_of_2(group), "BLOCK_D": next_power_of_2(d_head),
+               "BLOCK_N": min(256, max(16, next_power_of_2(max_len))), "num_warps": 4}
+    else:  # untuned defaults: 64 tokens of 128 dims per step is 16 KiB of bf16 keys in flight
+        cfg = {"BLOCK_G": max(16, next_power_of_2(group)), "BLOCK_D": max(16, next_power_of_2(d_head)),
+               "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+    if block_n is not None:
+        cfg["BLOCK_N"] = block_n
+    return cfg
+
+
+def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
+                           *, block_n: int | None = None, check_values: bool = True) -> torch.Tensor:
+    """Decode attention over a paged KV cache in one Triton kernel: q (B, H, d) → (B, H, d) in q's dtype.
+
+    Same contract as ``effref.serving.paged_attention.paged_attention``: ``k_cache``/``v_cache`` are
+    (num_blocks, block_size, H_kv, d) pools, ``block_tables`` (B, max_blocks) int32 lists each sequence's
+    blocks in order, ``context_lens`` (B,) int32 counts its cached tokens; head h reads KV head
+    h // (H / H_kv); ``scale`` defaults to 1/√d. ``block_n`` overrides the tokens per loop step (tests use
+    it to force many steps). ``check_values`` reads the lengths and block ids back to the host to check their
+    range, which synchronises with the GPU: an engine that builds its own tables may turn it off.
+    """
+    require_triton("paged_attention")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}; convert with torch.as_tensor")
+    if q.dim() != 3:
+        raise ValueError(f"q.shape={tuple(q.shape)} must be (B, n_heads, d_head), one decode query per "
+                         "sequence; for a single token per sequence use q[:, :, 0] of a (B, H, 1, d) tensor")
+    B, H, d = q.shape
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache.shape={tuple(k_cache.shape)} and v_cache.shape={tuple(v_cache.shape)} must "
+                         "be equal and (num_blocks, block_size, n_kv_heads, d_head)")
+    num_blocks, block_size, H_kv, d_cache = k_cache.shape
+    if d_cache != d:
+        raise ValueError(f"k_cache has d_head={d_cache} but q has d_head={d}; they must match")
+    if H_kv == 0 or H % H_kv:
+        raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={H_kv}; each key/value head must serve "
+                         "a whole group of query heads")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}.dtype={t.dtype} is not supported; convert with .float(), .half() or "
+                            ".bfloat16()")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype} and "
+                        f"{v_cache.dtype}; convert q with .to(k_cache.dtype)")
+    for name, t in (("block_tables", block_tables), ("context_lens", context_lens)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}.dtype={t.dtype} must be an integer type; convert with .to(torch.int32)")
+    if block_tables.dim() != 2 or block_tables.shape[0] != B:
+        raise ValueError(f"block_tables.shape={tuple(block_tables.shape)} must be (B, max_blocks) with B={B} "
+                         "rows, one per sequence of q")
+    if context_lens.shape != (B,):
+        raise ValueError(f"context_lens.shape={tuple(context_lens.shape)} must be (B,) = ({B},)")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                    ("context_lens", context_lens)):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache need a contiguous last (d_head) dimension; a cache pool is too "
+                         "large to copy per call, so allocate it with torch.empty(num_blocks, block_size, "
+                         "n_kv_heads, d_head)")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale={scale!r} must be a positive finite number, or None for 1/sqrt(d_head)")
+    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1
+                                or block_n & (block_n - 1) or (not kernels.INTERPRETED and block_n < 16)):
+        raise ValueError(f"block_n={block_n!r} must be a power of two (≥ 16 on a GPU), or None for the default")
+    if torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("paged_attention_decode has no backward pass, but q requires grad; call it under "
+                           "torch.no_grad(), or use effref.serving.paged_attention.paged_attention")
+    if check_values and B:
+        lo, hi = int(context_lens.min()), int(context_lens.max())
+        capacity = block_tables.shape[1] * block_size
+        if lo < 1 or hi > capacity:
+            raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {capacity}], got min {lo}, "
+                             f"max {hi}; drop empty sequences from the batch, or widen block_tables")
+        n_used = (context_lens.long() + block_size - 1) // block_size  # (B,) blocks each sequence reads
+        used = torch.arange(block_tables.shape[1], device=q.device)[None, :] < n_used[:, None]  # (B, max_blocks)
+        ids = block_tables[used]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise ValueError(f"block_tables holds block id {bad} outside [0, num_blocks={num_blocks}) among "
+                             "the blocks a sequence reads; fix the table (entries past a sequence's last "
+                             "block are ignored)")
+    check_device("q", q)
+
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    block_tables = block_tables.to(torch.int32)
+    context_lens = context_lens.to(torch.int32).contiguous()
+    out = torch.empty((B, H, d), dtype=q.dtype, device=q.device)  # (B, H, d)
+    if B == 0 or H == 0:
+        return out
+    group = H // H_kv
+    # the longest context sizes the interpreter's step; on a GPU it is not read (no host sync)
+    max_len = int(context_lens.max()) if kernels.INTERPRETED else 0
+    cfg = _launch_config(group, d, max_len, block_n)
+    qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
+    _paged_attention_kernel[(B, H_kv)](
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), d, qk_scale,
+        GROUP=group, BLOCK_SIZE=block_size, UPCAST=kernels.INTERPRETED or q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32 and not kernels.INTERPRETED, **cfg,
+    )
+    return out
+
+
+# --- the bench entry ------------------------------------------------------------------------------------------
+# shape = (B, n_heads, n_kv_heads, d_head, context_len, block_size): every sequence holds context_len tokens,
+# so that contiguous SDPA can run on the same data.
+
+def paged_attention_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Ideal traffic: every cached key and value read once, q read once, out written once, block ids read once."""
+    B, H, H_kv, d, L, bs = shape
+    elt = torch.empty((), dtype=dtype).element_size()
+    return 2 * B * L * H_kv * d * elt + 2 * B * H * d * elt + 4 * B * math.ceil(L / bs)
+
+
+def paged_attention_flops(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    B, H, _, d, L, _ = shape
+    return 4 * B * H * L * d  # q·k and p·v: two multiply-adds per cached value per query head
+
+
+def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple:
+    """A paged cache whose blocks are shuffled in a pool with spare blocks, plus the same KV laid out densely."""
+    B, H, H_kv, d, L, bs = shape
+    gen = torch.Generator(device=device).manual_seed(0)
+    n_blk = math.ceil(L / bs)  # blocks per sequence
+    q = torch.randn(B, H, d, generator=gen, device=device).to(dtype)
+    k = torch.randn(B, H_kv, L, d, generator=gen, device=device).to(dtype)  # (B, H_kv, L, d) contiguous twin
+    v = torch.randn(B, H_kv, L, d, generator=gen, device=device).to(dtype)
+    pool = B * n_blk + 4  # a few blocks belong to nobody
+    tables = torch.randperm(pool, generator=gen, device=device)[:B * n_blk].view(B, n_blk).to(torch.int32)
+    caches = []
+    for dense in (k, v):
+        padded = torch.zeros(B, H_kv, n_blk * bs, d, dtype=dtype, device=device)
+        padded[:, :, :L] = dense
+        blocks = padded.view(B, H_kv, n_blk, bs, d).permute(0, 2, 3, 1, 4).reshape(B * n_blk, bs, H_kv, d)
+        cache = torch.zeros(pool, bs, H_kv, d, dtype=dtype, device=device)
+        cache[tables.flatten().long()] = blocks  # (pool, bs, H_kv, d)
+        caches.append(cache)
+    lens = torch.full((B,), L, dtype=torch.int32, device=device)
+    return q, caches[0], caches[1], tables, lens, k, v
+
+
+def _kernel(q, k_cache, v_cache, tables, lens, k, v):
+    return paged_attention_decode(q, k_cache, v_cache, tables, lens, check_values=False)
+
+
+def _reference(q, k_cache, v_cache, tables, lens, k, v):
+    return paged_attention_reference(q, k_cache, v_cache, tables, lens)
+
+
+def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Contiguous decode attention with PyTorch's fused SDPA: q (B, H, d), k/v (B, H_kv, L, d) → (B, H, d)."""
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, **gqa)
+    return out[:, :, 0]  # (B, H, d)
+
+
+def _sdpa(q, k_cache, v_cache, tables, lens, k, v):
+    return sdpa_decode(q, k, v)
+
+
+BENCHMARK = Benchmark(
+    name="paged_attention",
+    make_inputs=_make_inputs,
+    kernel=_kernel,
+    reference=_reference,
+    baselines={"SDPA contiguous": _sdpa, "gather+SDPA": _reference},
+    bytes_moved=paged_attention_bytes,
+    flops=paged_attention_flops,
+    shape_names="(B, H, H_kv, d, context, block_size)",
+    # Llama-2-7B (MHA, 32 heads) and Llama-3-8B (GQA, 32/8 heads), d 128, vLLM's default block size 16
+    shapes=[(8, 32, 32, 128, 1024, 16), (32, 32, 32, 128, 1024, 16), (32, 32, 8, 128, 2048, 16),
+            (64, 32, 8, 128, 1024, 16), (8, 32, 8, 128, 4096, 16), (16, 32, 8, 128, 2048, 32)],
+    check_shapes=[(3, 4, 2, 32, 40, 16), (2, 4, 4, 16, 33, 8)],
+    dtypes=(torch.bfloat16, torch.float16),
+    # the kernel rounds p to 16 bits before p·v on a GPU; the reference's SDPA keeps its own rounding
+    tolerance={torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)},
+)
