@@ -84,3 +84,4 @@ class Benchmark:
     dtypes: Sequence[torch.dtype] = (torch.bfloat16,)
     tolerance: dict[torch.dtype, tuple[float, float]] = field(default_factory=dict)  # dtype -> (atol, rtol)
     shape_names: str = ""  # what the shape tuple means, e.g. "(tokens, hidden)"
+    compute: str = "dtype"  # which peak bounds the FLOPs: "dtype" (16-bit or fp32 as the inputs), or "int8"

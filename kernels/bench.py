@@ -51,22 +51,24 @@ class DevicePeak:
     hbm_gbps: float  # GB/s, 1 GB = 10⁹ bytes
     tflops_16bit: float  # fp16 / bf16 tensor cores, dense
     tflops_fp32: float  # fp32 on the CUDA cores (no TF32)
+    tops_int8: float  # int8 tensor cores, dense (TOPS)
 
 
 # From NVIDIA's product datasheets (bandwidth in GB/s, throughput in TFLOP/s). The datasheets quote tensor
 # throughput "with sparsity"; the dense figure used here is half of it. A row applies when all the words in
 # front appear in torch.cuda.get_device_name() (case-insensitive, '-' read as a space); the first match wins,
-# so the more specific names come first. T4 has no bf16 support; its 16-bit figure is fp16.
+# so the more specific names come first. T4 has no bf16 support; its 16-bit figure is fp16. The T4's int8 figure
+# is already dense (it has no sparse tensor cores).
 PEAKS: list[tuple[tuple[str, ...], DevicePeak]] = [
-    (("H200", "NVL"), DevicePeak("H200 NVL", 4800, 835, 60)),
-    (("H200",), DevicePeak("H200 SXM", 4800, 989, 67)),
-    (("H100", "NVL"), DevicePeak("H100 NVL", 3900, 835, 60)),
-    (("H100", "PCIe"), DevicePeak("H100 PCIe", 2000, 756, 51)),
-    (("H100",), DevicePeak("H100 SXM", 3350, 989, 67)),
-    (("A100", "80GB", "PCIe"), DevicePeak("A100 80GB PCIe", 1935, 312, 19.5)),
-    (("A100", "80GB"), DevicePeak("A100 80GB SXM", 2039, 312, 19.5)),
-    (("L4",), DevicePeak("L4", 300, 121, 30.3)),
-    (("T4",), DevicePeak("T4", 320, 65, 8.1)),
+    (("H200", "NVL"), DevicePeak("H200 NVL", 4800, 835, 60, 1670)),
+    (("H200",), DevicePeak("H200 SXM", 4800, 989, 67, 1979)),
+    (("H100", "NVL"), DevicePeak("H100 NVL", 3900, 835, 60, 1670)),
+    (("H100", "PCIe"), DevicePeak("H100 PCIe", 2000, 756, 51, 1513)),
+    (("H100",), DevicePeak("H100 SXM", 3350, 989, 67, 1979)),
+    (("A100", "80GB", "PCIe"), DevicePeak("A100 80GB PCIe", 1935, 312, 19.5, 624)),
+    (("A100", "80GB"), DevicePeak("A100 80GB SXM", 2039, 312, 19.5, 624)),
+    (("L4",), DevicePeak("L4", 300, 121, 30.3, 242)),
+    (("T4",), DevicePeak("T4", 320, 65, 8.1, 130)),
 ]
 
 
@@ -145,7 +147,10 @@ def time_one(bench: Benchmark, shape: Shape, dtype: torch.dtype, peak: DevicePea
         pct_roofline=None,
     )
     if peak is not None:
-        tflops_peak = peak.tflops_16bit if dtype in (torch.float16, torch.bfloat16) else peak.tflops_fp32
+        if bench.compute == "int8":
+            tflops_peak = peak.tops_int8
+        else:
+            tflops_peak = peak.tflops_16bit if dtype in (torch.float16, torch.bfloat16) else peak.tflops_fp32
         best_s = n_bytes / (peak.hbm_gbps * 1e9)  # the bandwidth roof
         if n_flops:
             best_s = max(best_s, n_flops / (tflops_peak * 1e12))  # the compute roof

@@ -195,6 +195,7 @@ BENCHMARK = Benchmark(
     bytes_moved=w8a8_bytes,
     flops=w8a8_flops,
     shape_names="(tokens M, out N, in K)",
+    compute="int8",  # the roofline's compute roof is the int8 tensor-core peak
     # compute-bound GEMMs only (torch._int_mm refuses M ≤ 16): the 4096³ target, and Llama-2-7B MLP
     shapes=[(512, 4096, 4096), (2048, 4096, 4096), (4096, 4096, 4096), (4096, 11008, 4096), (4096, 4096, 11008)],
     check_shapes=[(1, 64, 128), (33, 80, 200), (7, 48, 96)],

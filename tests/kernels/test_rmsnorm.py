@@ -202,7 +202,7 @@ def test_bench_check_runs_on_cpu(tmp_path):
 def test_bench_arithmetic_with_a_fake_clock(capsys):
     # time_one on CPU with a clock that says: kernel 0.5 ms, every baseline 2 ms; the derived numbers follow
     clock = iter([0.5] + [2.0] * len(BENCHMARK.baselines))
-    peak = DevicePeak("test", hbm_gbps=1000, tflops_16bit=100, tflops_fp32=10)
+    peak = DevicePeak("test", hbm_gbps=1000, tflops_16bit=100, tflops_fp32=10, tops_int8=200)
     shape = (64, 576)
     record = time_one(BENCHMARK, shape, torch.bfloat16, peak, device=torch.device("cpu"),
                       timer=lambda fn: (fn(), next(clock))[1])

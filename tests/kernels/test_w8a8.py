@@ -137,3 +137,18 @@ def test_bench_check_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     checked = {tuple(r["shape"]) for r in json.loads(out.read_text())["results"]}
     assert checked == {tuple(s) for s in BENCHMARK.check_shapes}
+
+
+@needs_triton
+def test_roofline_uses_the_int8_peak():
+    # a fake clock: the kernel takes 1 ms. The shape is compute-bound, so the roof is FLOPs / int8 peak, and an
+    # int8 peak twice the 16-bit one halves the % of roofline a 16-bit roof would claim.
+    from kernels.bench import DevicePeak, time_one
+
+    shape = (64, 64, 64)
+    peak = DevicePeak("test", hbm_gbps=1e6, tflops_16bit=1e-3, tflops_fp32=1e-4, tops_int8=2e-3)
+    record = time_one(BENCHMARK, shape, torch.float16, peak, device=torch.device("cpu"),
+                      timer=lambda fn: (fn(), 1.0)[1])
+    flops = 2 * 64 * 64 * 64
+    assert BENCHMARK.compute == "int8"
+    assert record["pct_roofline"] == pytest.approx(100 * (flops / 2e9) / 1e-3)
