@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.compression.hessian import inverse_hessian_cholesky
 from effref.quantization.basics import QTensor, QuantConfig, dequantize_codes, find_params, quantize_codes
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.linear import QuantLinear
@@ -87,14 +88,6 @@ class Grid:
         return {"qtensor": q}
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """U: the upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean(diag H) (float64 for stability)."""
-    h = hessian.double().clone()
-    h.diagonal().add_(damp * h.diagonal().mean())
-    chol = torch.linalg.cholesky(h)  # H = L Lᵀ
-    return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)  # H⁻¹ = Uᵀ U
-
-
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig | None = None,
                   grid: Grid | None = None) -> dict:
     """Quantize weight ``w`` (R, C) with Hessian ``hessian`` (C, C) = XᵀX / n; Algorithm 1 of the paper.
@@ -117,7 +110,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig | None
     W[:, dead] = 0.0
     perm = torch.argsort(H.diagonal(), descending=True) if cfg.act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_factor(H, cfg.damp).float()  # (C, C) upper
+    U = inverse_hessian_cholesky(H, cfg.damp)[0].float()  # (C, C) upper, H⁻¹ = UᵀU after λ damping
     g = grid.g
     block = cfg.block_size if (cfg.block_size % g == 0 or g % cfg.block_size == 0) else g  # align blocks
     static = qcfg.granularity != "group" or cfg.act_order  # fit every group up front on the original W
