@@ -24,6 +24,9 @@ import nbformat
 import pytest
 
 ROOT = Path(__file__).parent
+# OpenMP threads sleep instead of spinning while they wait: on a small shared machine spinning threads steal the
+# cores the chapter kernels (subprocesses, which inherit this) need. Set before any test imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 CHAPTER_BUDGET_S = float(os.environ.get("EFFREF_CHAPTER_BUDGET_S", 180))
 BOOK_CACHE = ROOT / "_build" / ".jupyter_cache"
 collect_ignore_glob = ["book/**/*.ipynb", "book/_build/*", "_build/*"]
