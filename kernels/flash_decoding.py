@@ -32,6 +32,7 @@ layout (vLLM's v2 kernel combines both ideas), and the FlashDecoding++ asynchron
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,10 +120,15 @@ def _combine_kernel(
     tl.store(lse_ptr + row, m + tl.log(total))  # λ = m + log Σ_s e^{λ_s − m}
 
 
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device | None = None) -> int:
     """Enough programs to fill the GPU (≈ 2 per SM), but no split shorter than MIN_TOKENS_PER_SPLIT tokens."""
     if device is not None and device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4  # the interpreter: a few programs are cheapest; the heuristic's shape stays the same
     want = math.ceil(2 * sms / max(1, batch * n_kv_heads))  # splits needed to fill the machine
