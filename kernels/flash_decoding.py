@@ -125,9 +125,15 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device | None = None) -> int:
-    """Enough programs to fill the GPU (≈ 2 per SM), but no split shorter than MIN_TOKENS_PER_SPLIT tokens."""
-    if device is not None and device.type == "cuda":
+def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device | None = None,
+                       sm_count: int | None = None) -> int:
+    """Enough programs to fill the GPU (≈ 2 per SM), but no split shorter than MIN_TOKENS_PER_SPLIT tokens.
+
+    The SM count comes from ``device`` (a CUDA device), or ``sm_count`` to ask about another GPU; on CPU it is 4.
+    """
+    if sm_count is not None:
+        sms = sm_count
+    elif device is not None and device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4  # the interpreter: a few programs are cheapest; the heuristic's shape stays the same
@@ -227,7 +233,7 @@ def flash_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     group = H // H_kv
     if kernels.INTERPRETED:
         cfg = {"BLOCK_G": next_power_of_2(group), "BLOCK_D": next_power_of_2(d),
-               "BLOCK_N": min(256, max(16, next_power_of_2(math.ceil(T / S)))), "num_warps": 4}
+               "BLOCK_N": min(1024, max(16, next_power_of_2(math.ceil(T / S)))), "num_warps": 4}
     else:  # untuned defaults; tl.dot wants every dimension ≥ 16
         cfg = {"BLOCK_G": max(16, next_power_of_2(group)), "BLOCK_D": max(16, next_power_of_2(d)),
                "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}

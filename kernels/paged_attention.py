@@ -122,7 +122,7 @@ def _launch_config(group: int, d_head: int, max_len: int, block_n: int | None) -
     """Tile sizes: the interpreter pays per program × loop step, a GPU wants tl.dot dimensions ≥ 16."""
     if kernels.INTERPRETED:
         cfg = {"BLOCK_G": next_power_of_2(group), "BLOCK_D": next_power_of_2(d_head),
-               "BLOCK_N": min(256, max(16, next_power_of_2(max_len))), "num_warps": 4}
+               "BLOCK_N": min(1024, max(16, next_power_of_2(max_len))), "num_warps": 4}
     else:  # untuned defaults: 64 tokens of 128 dims per step is 16 KiB of bf16 keys in flight
         cfg = {"BLOCK_G": max(16, next_power_of_2(group)), "BLOCK_D": max(16, next_power_of_2(d_head)),
                "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
@@ -246,26 +246,39 @@ def paged_attention_flops(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return 4 * B * H * L * d  # q·k and p·v: two multiply-adds per cached value per query head
 
 
+def paged_copy(k: torch.Tensor, v: torch.Tensor, block_size: int = 16, spare_blocks: int = 4,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scatter a contiguous cache k, v (B, H_kv, T, d) into a shuffled block pool, as a paging engine might.
+
+    Returns ``(k_cache, v_cache, block_tables)``: pools (B·⌈T/bs⌉ + spare_blocks, bs, H_kv, d) whose blocks are
+    handed out in random order, and (B, ⌈T/bs⌉) int32 tables; every sequence holds all T tokens.
+    """
+    B, H_kv, T, d = k.shape
+    n_blk = math.ceil(T / block_size)  # blocks per sequence
+    pool = B * n_blk + spare_blocks
+    order = torch.randperm(pool, generator=generator, device=generator.device if generator else "cpu")
+    tables = order[:B * n_blk].to(k.device).view(B, n_blk).to(torch.int32)  # (B, n_blk)
+    caches = []
+    for dense in (k, v):
+        padded = torch.zeros(B, H_kv, n_blk * block_size, d, dtype=dense.dtype, device=dense.device)
+        padded[:, :, :T] = dense
+        blocks = padded.view(B, H_kv, n_blk, block_size, d).permute(0, 2, 3, 1, 4)  # (B, n_blk, bs, H_kv, d)
+        cache = torch.zeros(pool, block_size, H_kv, d, dtype=dense.dtype, device=dense.device)
+        cache[tables.flatten().long()] = blocks.reshape(B * n_blk, block_size, H_kv, d)  # (pool, bs, H_kv, d)
+        caches.append(cache)
+    return caches[0], caches[1], tables
+
+
 def _make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> tuple:
     """A paged cache whose blocks are shuffled in a pool with spare blocks, plus the same KV laid out densely."""
     B, H, H_kv, d, L, bs = shape
     gen = torch.Generator(device=device).manual_seed(0)
-    n_blk = math.ceil(L / bs)  # blocks per sequence
     q = torch.randn(B, H, d, generator=gen, device=device).to(dtype)
     k = torch.randn(B, H_kv, L, d, generator=gen, device=device).to(dtype)  # (B, H_kv, L, d) contiguous twin
     v = torch.randn(B, H_kv, L, d, generator=gen, device=device).to(dtype)
-    pool = B * n_blk + 4  # a few blocks belong to nobody
-    tables = torch.randperm(pool, generator=gen, device=device)[:B * n_blk].view(B, n_blk).to(torch.int32)
-    caches = []
-    for dense in (k, v):
-        padded = torch.zeros(B, H_kv, n_blk * bs, d, dtype=dtype, device=device)
-        padded[:, :, :L] = dense
-        blocks = padded.view(B, H_kv, n_blk, bs, d).permute(0, 2, 3, 1, 4).reshape(B * n_blk, bs, H_kv, d)
-        cache = torch.zeros(pool, bs, H_kv, d, dtype=dtype, device=device)
-        cache[tables.flatten().long()] = blocks  # (pool, bs, H_kv, d)
-        caches.append(cache)
+    k_cache, v_cache, tables = paged_copy(k, v, bs, generator=gen)
     lens = torch.full((B,), L, dtype=torch.int32, device=device)
-    return q, caches[0], caches[1], tables, lens, k, v
+    return q, k_cache, v_cache, tables, lens, k, v
 
 
 def _kernel(q, k_cache, v_cache, tables, lens, k, v):

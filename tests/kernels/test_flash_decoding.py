@@ -153,6 +153,13 @@ def test_default_split_heuristic_on_cpu(B, H_kv, T, expected):
     assert S == 1 or T // S >= MIN_TOKENS_PER_SPLIT
 
 
+def test_default_split_heuristic_fills_a_132_sm_gpu_at_batch_1():
+    # H100 SXM: 8 KV heads alone would occupy 8 of 132 SMs; the split asks for ≈ 2 programs per SM
+    S = default_num_splits(1, 8, 16384, sm_count=132)
+    assert S == 33 and 8 * S >= 2 * 132
+    assert default_num_splits(64, 8, 16384, sm_count=132) == 1  # 512 programs without splitting
+
+
 # --- bad inputs ---------------------------------------------------------------------------------------------
 
 def _good():
