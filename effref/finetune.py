@@ -18,7 +18,9 @@ reports the losses, tokens per second, the peak memory of the first step (``effr
 on CPU the tensors created during forward, backward and the optimizer's first step — activations,
 gradients and optimizer state — on top of the model's own bytes), wall time and the trainable parameters.
 Hooks let a method act each step: ``before_step`` (DyLoRA samples a rank), ``regulariser`` (a loss term,
-AdaLoRA's orthogonality penalty), ``after_update`` (AdaLoRA's budget reallocation).
+AdaLoRA's orthogonality penalty), ``after_update`` (AdaLoRA's budget reallocation). A forward-only method
+(MeZO) passes ``update(model, loss_fn, step) -> loss``, which replaces backward and the optimiser step: the
+batches, timing and memory measurement stay the same, so every method is measured the same way.
 
 Glossary: C classes · T = passage_tokens + suffix tokens · B batch size · verbaliser = label token of a class.
 Left out: multi-token verbalisers (only the first token of a title is scored), padding (every example
@@ -273,6 +275,7 @@ class TrainResult:
 
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+UpdateRule = Callable[[nn.Module, Callable[[], torch.Tensor], int], float]  # (model, loss_fn, step) -> loss
 
 
 def _make_optimizer(optimizer: str | OptimizerFactory, params: list[nn.Parameter], lr: float,
@@ -290,15 +293,17 @@ def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: 
           optimizer: str | OptimizerFactory = "adamw", weight_decay: float = 0.0, max_grad_norm: float | None = 1.0,
           seed: int = 0, regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
           before_step: Callable[[int], None] | None = None, after_update: Callable[[int], None] | None = None,
-          progress: bool = True, desc: str = "train") -> TrainResult:
+          update: UpdateRule | None = None, progress: bool = True, desc: str = "train") -> TrainResult:
     """Fine-tune the parameters of ``model`` that require grad for ``steps`` steps (see module docstring)."""
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}: need steps >= 1, batch_size >= 1, lr > 0")
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no parameter with requires_grad=True; apply a PEFT method or unfreeze layers")
+    if update is not None and regulariser is not None:
+        raise ValueError("regulariser= needs backpropagation; a forward-only update= cannot add it")
     device = _model_device(model)
-    opt = _make_optimizer(optimizer, params, lr, weight_decay)
+    opt = _make_optimizer(optimizer, params, lr, weight_decay) if update is None else None
     generator = torch.Generator().manual_seed(seed)
     n, T = task.train_ids.shape[:2]
     epochs = -(-steps * batch_size // n)  # ceil: each epoch visits every training passage once, reshuffled
@@ -317,10 +322,10 @@ def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: 
             if step == 0:  # measure memory on the first step, which also creates the optimizer state
                 with track_memory(device, baseline_bytes=model_size_bytes(model)) as memory:
                     loss = _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser,
-                                 before_step, after_update)
+                                 before_step, after_update, update)
             else:
                 loss = _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser,
-                             before_step, after_update)
+                             before_step, after_update, update)
                 timed_s, timed_steps = timed_s + time.perf_counter() - tick, timed_steps + 1
             if step == 0 and steps == 1:
                 timed_s, timed_steps = time.perf_counter() - tick, 1
@@ -334,19 +339,24 @@ def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: 
 
 
 def _step(model, task, opt, params, ids, labels, step, max_grad_norm, regulariser, before_step,
-          after_update) -> float:
+          after_update, update) -> float:
     if before_step is not None:
         before_step(step)
-    loss = task_loss(model, task, ids, labels)
-    total = loss + regulariser(model) if regulariser is not None else loss
-    total.backward()
-    if max_grad_norm is not None:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-    opt.step()
-    if after_update is not None:
-        after_update(step)
-    opt.zero_grad(set_to_none=True)
-    value = float(loss.detach())
+    if update is not None:  # forward-only: the rule evaluates the loss itself, as often as it needs
+        value = float(update(model, lambda: task_loss(model, task, ids, labels), step))
+        if after_update is not None:
+            after_update(step)
+    else:
+        loss = task_loss(model, task, ids, labels)
+        total = loss + regulariser(model) if regulariser is not None else loss
+        total.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        opt.step()
+        if after_update is not None:  # before zero_grad: AdaLoRA's importance scores read the gradients
+            after_update(step)
+        opt.zero_grad(set_to_none=True)
+        value = float(loss.detach())
     if not math.isfinite(value):
         raise FloatingPointError(f"loss became {value} at step {step}; lower the learning rate")
     return value

@@ -108,3 +108,12 @@ def mezo_train(model: nn.Module, batch_loss: Callable[[int], torch.Tensor], step
     for step in progress_bar(range(steps), desc="MeZO", unit="step", disable=not progress):
         losses.append(mezo_step(model, lambda step=step: batch_loss(step), cfg, seed=seed + step))
     return losses
+
+
+def mezo_update(cfg: MezoConfig, seed: int = 0) -> Callable[[nn.Module, Callable[[], torch.Tensor], int], float]:
+    """MeZO as the update rule of ``effref.finetune.train(..., update=mezo_update(cfg))``: step t uses seed + t.
+
+    The shared loop then draws the batches and measures time and memory exactly as for the backpropagation
+    methods; ``train``'s ``lr`` is not used (η is ``cfg.lr``).
+    """
+    return lambda model, loss_fn, step: mezo_step(model, loss_fn, cfg, seed=seed + step)

@@ -103,3 +103,32 @@ def test_mezo_rejects_frozen_model_and_zero_steps():
         spsa_projected_gradient(frozen, lambda: frozen.weight.sum(), eps=1e-3, seed=0)
     with pytest.raises(ValueError, match="steps=0 must be >= 1"):
         mezo_train(Quadratic(), lambda step: torch.tensor(0.0), steps=0, cfg=MezoConfig())
+
+
+def test_mezo_update_in_the_shared_loop_equals_mezo_steps_on_the_same_batches():
+    # the shared fine-tuning loop with MeZO's update rule = calling mezo_step by hand on the loop's batches
+    import copy
+
+    from effref.finetune import task_loss, toy_task, train
+    from effref.models import load_model
+    from effref.peft.mezo import mezo_update
+
+    task = toy_task(seed=0)
+    model = load_model("tiny-llama", seed=0).model
+    for name, p in model.named_parameters():
+        p.requires_grad_("layers.1." in name)
+    by_hand = copy.deepcopy(model)
+    cfg = MezoConfig(lr=1e-3, eps=1e-3)
+    result = train(model, task, steps=3, lr=1.0, batch_size=4, update=mezo_update(cfg, seed=7), progress=False)
+    order = torch.randperm(len(task.train_ids), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(3):
+        batch = order[step * 4:(step + 1) * 4]
+        ids, labels = task.train_ids[batch], task.train_labels[batch]
+        losses.append(mezo_step(by_hand, lambda ids=ids, labels=labels: task_loss(by_hand, task, ids, labels), cfg,
+                                seed=7 + step))
+    assert result.losses == pytest.approx(losses)
+    for a, b in zip(model.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="regulariser= needs backpropagation"):
+        train(model, task, steps=1, lr=1.0, update=mezo_update(cfg), regulariser=lambda m: 0.0, progress=False)
