@@ -11,7 +11,7 @@ each row, or each column block) by largest remainder, so the layer count is exac
 ``sparsity_report`` counts zeros per layer and overall.
 Glossary: s sparsity (fraction of zeros) · N kept of every M inputs · k weights pruned in a layer
           · mask True = pruned (set to zero).
-Left out: 2:4 storage formats and sparse kernels (see the pruning chapter's GPU note), block sparsity.
+Left out: block sparsity; the 2:4 storage format and its sparse matmul live in ``kernels/sparse24.py``.
 """
 
 from __future__ import annotations
