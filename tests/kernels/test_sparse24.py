@@ -217,3 +217,11 @@ def test_bench_check_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     checked = {tuple(r["shape"]) for r in json.loads(out.read_text())["results"]}
     assert checked == {tuple(s) for s in BENCHMARK.check_shapes}
+
+
+def test_semi_structured_baseline_explains_a_refusal():
+    from kernels.sparse24 import _semi_linear
+
+    x, values, meta, dense, _ = BENCHMARK.make_inputs((5, 64, 200), torch.float16, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match=r"refused this torch.float16 \(64, 200\) weight \(too narrow\).*≥ 8\.0"):
+        _semi_linear(x, values, meta, dense, RuntimeError("too narrow"))
