@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Callable, Mapping
 
 import torch
@@ -80,6 +81,12 @@ def resolve_interpret(environ: Mapping[str, str], gpu_present: Callable[[], bool
 
 
 INTERPRETED, INTERPRET_REASON = resolve_interpret(os.environ, cuda_gpu_present)
+# Triton wraps its own language functions (tl.zeros, tl.cdiv, ...) when it is first imported. If something
+# (transformers, when a model loads) imported it before this switch was set, those wrappers compile for a GPU,
+# and kernels fail under the interpreter with "Cannot call @triton.jit'd outside of the scope of a kernel".
+# ``import effref`` imports this package first, which avoids it; the launchers check this flag to say so.
+TRITON_IMPORTED_TOO_EARLY = (INTERPRETED and "triton" in sys.modules
+                             and os.environ.get("TRITON_INTERPRET", "").strip().lower() not in TRUE_WORDS)
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
 
 

@@ -43,6 +43,11 @@ def require_triton(kernel: str) -> None:
     if not kernels.triton_available():
         raise ImportError(f"the {kernel} kernel needs Triton, which is not installed; run {INSTALL_HINT} "
                           "(Linux only), or call the PyTorch reference in the same module instead")
+    if kernels.TRITON_IMPORTED_TOO_EARLY:
+        raise RuntimeError(f"the {kernel} kernel would run under Triton's interpreter, but triton was imported "
+                           "before the `kernels` package set TRITON_INTERPRET=1 (transformers imports it when a "
+                           "model loads); import effref (or kernels) first, or export TRITON_INTERPRET=1 before "
+                           "starting Python")
 
 
 def check_device(name: str, tensor: torch.Tensor) -> None:

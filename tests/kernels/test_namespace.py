@@ -34,6 +34,8 @@ import torch
 import kernels
 
 ROOT = Path(__file__).resolve().parents[2]
+needs_cpu_triton = pytest.mark.skipif(not kernels.triton_available() or not kernels.INTERPRETED,
+                                      reason="needs Triton and no GPU (the interpreter)")
 
 TRANSFORMERS_PROBE = r"""
 import importlib.metadata as metadata
@@ -142,6 +144,39 @@ def test_package_imports_without_triton_and_names_the_extra():
     assert "launcher: the rmsnorm kernel needs Triton" in proc.stdout
     assert "pip install 'effref[triton]'" in proc.stdout
     assert "pip install 'effref[triton]'" in proc.stderr  # from the bench command
+
+
+IMPORT_ORDER = r"""
+import sys
+import torch
+if sys.argv[1] == "transformers-first":
+    import transformers.models.llama.modeling_llama  # noqa: F401  pulls in triton, as load_model does
+    import triton  # noqa: F401
+import effref  # noqa: F401
+from kernels.rmsnorm import rmsnorm, rmsnorm_reference
+x, w = torch.randn(3, 32), torch.randn(32)
+try:
+    torch.testing.assert_close(rmsnorm(x, w), rmsnorm_reference(x, w))
+    print("kernel ok")
+except RuntimeError as exc:
+    print("refused:", exc)
+"""
+
+
+@needs_cpu_triton
+@pytest.mark.parametrize("order", ["effref-first", "transformers-first"])
+def test_import_order_with_triton_is_handled(order):
+    # effref imports kernels first, so a model loaded afterwards cannot spoil the interpreter; if triton came
+    # first, the launcher refuses with the fix instead of Triton's "Cannot call @triton.jit'd outside ..."
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EFFREF_TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ORDER, order], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr
+    if order == "effref-first":
+        assert "kernel ok" in proc.stdout
+    else:
+        assert "refused: the rmsnorm kernel would run under Triton's interpreter" in proc.stdout
+        assert "import effref (or kernels) first" in proc.stdout
 
 
 # --- the interpreter switch ---------------------------------------------------------------------------------
