@@ -224,3 +224,15 @@ def test_bench_check_runs_on_cpu(tmp_path):
     checked = {(r["dtype"], tuple(r["shape"])) for r in json.loads(out.read_text())["results"]}
     assert checked == {(str(d).removeprefix("torch."), tuple(s)) for d in BENCHMARK.dtypes
                        for s in BENCHMARK.check_shapes}
+
+
+@needs_triton
+def test_kernels_compile_for_a_hopper_gpu(compile_for_gpu):
+    # fp32 inputs take the IEEE tl.dot branch; the combine writes a bf16 output
+    out = compile_for_gpu(
+        {"module": "kernels.flash_decoding", "kernel": "_split_kv_kernel", "pointer": "*fp32",
+         "types": {"qk_scale": "fp32"},
+         "constexprs": {"GROUP": 1, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "UPCAST": True, "IEEE": True}},
+        {"module": "kernels.flash_decoding", "kernel": "_combine_kernel", "pointer": "*fp32",
+         "types": {"out_ptr": "*bf16"}, "constexprs": {"BLOCK_S": 64, "BLOCK_D": 128}})
+    assert "compiled _split_kv_kernel" in out and "compiled _combine_kernel" in out

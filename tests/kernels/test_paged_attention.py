@@ -229,3 +229,14 @@ def test_bench_check_runs_on_cpu(tmp_path):
     checked = {(r["dtype"], tuple(r["shape"])) for r in json.loads(out.read_text())["results"]}
     assert checked == {(str(d).removeprefix("torch."), tuple(s)) for d in BENCHMARK.dtypes
                        for s in BENCHMARK.check_shapes}
+
+
+@needs_triton
+def test_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
+    # the launcher's GPU configuration (16-row query tiles for tl.dot, bf16 loads); the fp32/IEEE branch of
+    # the shared online_softmax_step is compiled by test_flash_decoding.py
+    out = compile_for_gpu({"module": "kernels.paged_attention", "kernel": "_paged_attention_kernel",
+                           "types": {"bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"},
+                           "constexprs": {"GROUP": 4, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_N": 64,
+                                          "BLOCK_D": 128, "UPCAST": False, "IEEE": False}})
+    assert "compiled _paged_attention_kernel" in out
