@@ -1,0 +1,137 @@
+"""Deja Vu contextual sparsity: identities of the sparse MLP, oracle vs random, recall and FLOPs by brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from effref.inference.dejavu import (
+    DejaVuConfig,
+    SparseMLP,
+    fit_predictors,
+    keep_count,
+    mass_fraction,
+    mlp_flops,
+    neuron_importance,
+    recall,
+    sparse_mlp,
+    sparsified,
+    top_k_mask,
+    train_predictor,
+)
+from effref.models.llama import MLP, LlamaConfig
+
+
+def _mlp(d: int = 16, d_ff: int = 48, seed: int = 0) -> MLP:
+    torch.manual_seed(seed)
+    return MLP(LlamaConfig(d_model=d, d_ff=d_ff, n_layers=1, n_heads=2, n_kv_heads=2)).eval()
+
+
+def test_all_neurons_selected_equals_dense_mlp_exactly():
+    mlp, x = _mlp(), torch.randn(2, 5, 16)
+    for selector in ("oracle", "random"):
+        torch.testing.assert_close(SparseMLP(mlp, 48, selector)(x), mlp(x), rtol=0, atol=0)
+
+
+def test_gathered_sparse_mlp_equals_masked_dense_mlp():
+    mlp, x = _mlp(), torch.randn(6, 16)
+    idx = torch.stack([torch.randperm(48, generator=torch.Generator().manual_seed(i))[:12] for i in range(6)])
+    mask = torch.zeros(6, 48).scatter_(1, idx, 1.0)
+    masked = mlp.down(torch.nn.functional.silu(mlp.gate(x)) * mlp.up(x) * mask)
+    torch.testing.assert_close(sparse_mlp(mlp, x, idx), masked)
+    torch.testing.assert_close(sparse_mlp(mlp, x, torch.arange(48).expand(6, 48)), mlp(x))
+
+
+@pytest.mark.parametrize("k", [4, 12, 24, 40])
+def test_oracle_top_k_beats_random_k(k):
+    mlp, x = _mlp(), torch.randn(64, 16)
+    dense = mlp(x)
+    err = {s: (SparseMLP(mlp, k, s, generator=torch.Generator().manual_seed(0))(x) - dense).norm().item()
+           for s in ("oracle", "random")}
+    assert err["oracle"] <= err["random"]
+
+
+def test_recall_matches_brute_force_set_intersection():
+    g = torch.Generator().manual_seed(3)
+    pred, true = torch.randn(20, 30, generator=g), torch.randn(20, 30, generator=g)
+    for k in (1, 5, 30):
+        brute = sum(len(set(p.topk(k).indices.tolist()) & set(t.topk(k).indices.tolist())) / k
+                    for p, t in zip(pred, true)) / 20
+        assert recall(pred, true, k) == pytest.approx(brute)
+    assert recall(true, true, 7) == 1.0
+
+
+def test_mass_fraction_matches_brute_force():
+    c = torch.tensor([[5.0, 3.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0]])
+    # row 0: 5/10 < 0.75, 8/10 ≥ 0.75 → 2 of 4 neurons; row 1: 3 of 4 reach 0.75
+    torch.testing.assert_close(mass_fraction(c, 0.75), torch.tensor([0.5, 0.75]))
+
+
+def test_flop_accounting_matches_a_hand_count_and_torch_counter():
+    d, d_ff, k, r = 16, 48, 12, 4
+    counts = mlp_flops(d, d_ff, k, rank=r)
+    assert counts == {"dense": 2 * 3 * 16 * 48, "sparse": 2 * 3 * 16 * 12, "predictor": 2 * 4 * (16 + 48)}
+    mlp, x = _mlp(d, d_ff), torch.randn(1, d)
+    with FlopCounterMode(display=False) as counter:
+        mlp(x)
+    assert counter.get_total_flops() == counts["dense"]
+    with FlopCounterMode(display=False) as counter:
+        sparse_mlp(mlp, x, torch.arange(k)[None])
+    assert counter.get_total_flops() == counts["sparse"]
+
+
+def test_predictor_recovers_a_planted_low_rank_importance():
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(16, 4, generator=g) @ torch.randn(4, 64, generator=g)  # rank 4
+    x_train, x_test = torch.randn(512, 16, generator=g), torch.randn(256, 16, generator=g)
+    importance = lambda x: (x @ M + 30) ** 2
+    predictor = train_predictor(x_train, importance(x_train), DejaVuConfig(rank=5, ridge=1e-6))
+    assert recall(predictor(x_test), importance(x_test), 16) > 0.95
+
+
+def test_predictor_on_a_random_swiglu_mlp_beats_chance():
+    mlp = _mlp(d=16, d_ff=64)
+    g = torch.Generator().manual_seed(1)
+    x_train, x_test = torch.randn(512, 16, generator=g), torch.randn(256, 16, generator=g)
+    predictor = train_predictor(x_train, neuron_importance(mlp, x_train), DejaVuConfig(rank=8))
+    got = recall(predictor(x_test), neuron_importance(mlp, x_test), keep_count(0.25, 64))
+    assert got > 0.25 + 0.1  # chance recall of a random k-subset is k / d_ff = 0.25 (fixed seeds)
+
+
+def test_sparsified_model_keeps_dense_logits_at_keep_one_and_restores_mlps(tiny_llama, random_ids):
+    model, ids = tiny_llama(), random_ids(2, 12)
+    originals = [b.mlp for b in model.blocks]
+    with torch.no_grad():
+        dense = model(ids)
+        predictors = fit_predictors(model, ids, DejaVuConfig(rank=4))
+        with sparsified(model, 1.0, "predictor", predictors):
+            torch.testing.assert_close(model(ids), dense, rtol=0, atol=0)
+        with sparsified(model, 0.25, "oracle", layers=[1]):
+            assert isinstance(model.blocks[1].mlp, SparseMLP) and model.blocks[0].mlp is originals[0]
+            assert not torch.equal(model(ids), dense)
+    assert [b.mlp for b in model.blocks] == originals
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: DejaVuConfig(rank=0), "rank=0"),
+    (lambda: DejaVuConfig(ridge=-1.0), "ridge=-1.0"),
+    (lambda: train_predictor(torch.randn(8, 4), torch.rand(8, 48), DejaVuConfig(rank=6)), "rank=6 exceeds"),
+    (lambda: keep_count(1.5, 10), "keep=1.5"),
+    (lambda: top_k_mask(torch.randn(3, 5), 6), "k=6"),
+    (lambda: recall(torch.randn(3, 5), torch.randn(3, 4), 2), "differ in shape"),
+    (lambda: mass_fraction(torch.rand(3, 5), 0.0), "mass=0.0"),
+    (lambda: sparse_mlp(_mlp(), torch.randn(2, 3, 16), torch.zeros(2, 4, dtype=torch.long)), "must be"),
+    (lambda: SparseMLP(_mlp(), 4, "magic"), "selector='magic'"),
+    (lambda: SparseMLP(_mlp(), 4, "predictor"), "needs a trained predictor"),
+    (lambda: train_predictor(torch.randn(4, 16), torch.randn(5, 48), DejaVuConfig()), "must be"),
+])
+def test_bad_input_is_reported(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_wrong_number_of_predictors_is_reported(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="predictors for 3 blocks"), sparsified(model, 0.5, predictors=[None]):
+        pass
