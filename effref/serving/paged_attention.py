@@ -7,8 +7,10 @@ d_head); sequence i owns the blocks listed in row i of its block table, in order
 sits in block ``block_tables[i, j // block_size]`` at slot ``j % block_size``. The decode query attends to
 all ``context_lens[i]`` cached tokens:
   A_ij = exp(q_i·K_j / √d) / Σ_t exp(q_i·K_t / √d),   o_i = Σ_j V_j A_ijᵀ     (Eq. 4, block by block)
-This reference gathers the blocks into a padded dense tensor and calls scaled_dot_product_attention with a
-length mask; a kernel (kernels/paged_attention.py) reads the blocks in place instead.
+This reference turns the block tables into flat slot addresses (``block_slots``, computed once per step and
+shared by all layers), gathers the keys/values into a padded dense tensor and calls
+scaled_dot_product_attention with a length mask; a kernel (kernels/paged_attention.py) reads the blocks in
+place instead.
 Glossary: B sequences · H query heads (n_heads) · H_kv key/value heads · d d_head · b block_size · K_j, V_j
           the j-th key/value block · L longest context in the batch.
 Left out: the fused kernel (kernels/), alibi/sliding-window variants, quantized blocks.
@@ -46,6 +48,22 @@ def _check_tables(name: str, cache: torch.Tensor, block_tables: torch.Tensor,
                          "ceil(context_len / block_size) entries")
 
 
+def block_slots(block_tables: torch.Tensor, context_lens: torch.Tensor,
+                block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat cache addresses (B, L) of every sequence's tokens (block · b + offset) and which are real (B, L).
+
+    L is the longest context; a shorter sequence's extra addresses point at slot 0 and are marked invalid.
+    Computed once, the addresses serve every layer (all layers share the block tables).
+    """
+    L = int(context_lens.max())
+    position = torch.arange(L, device=block_tables.device)  # (L,)
+    valid = position[None, :] < context_lens[:, None]  # (B, L)
+    block = block_tables.long().gather(1, (position // block_size).clamp(max=block_tables.shape[1] - 1)
+                                       .expand(len(block_tables), L))  # (B, L) physical block of each token
+    slots = (block * block_size + position % block_size).masked_fill(~valid, 0)  # (B, L)
+    return slots, valid
+
+
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor,
               context_lens: torch.Tensor | int) -> torch.Tensor:
     """The cached entries of every sequence as one padded dense tensor (B, L, n_kv_heads, d_head).
@@ -59,15 +77,20 @@ def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor,
     if isinstance(context_lens, int):
         context_lens = torch.tensor([context_lens] * len(block_tables), device=block_tables.device)
     _check_tables("cache", cache, block_tables, context_lens)
-    block_size = cache.shape[1]
-    L = int(context_lens.max())
-    n_blocks = (L + block_size - 1) // block_size
-    ids = block_tables[:, :n_blocks].long().clamp(min=0)  # (B, n_blocks); unused entries point at block 0
-    dense = cache[ids]  # (B, n_blocks, b, H_kv, d)
-    dense = dense.reshape(len(ids), n_blocks * block_size, *cache.shape[2:])[:, :L]  # (B, L, H_kv, d)
-    valid = torch.arange(L, device=cache.device)[None, :] < context_lens[:, None]  # (B, L)
-    dense = dense * valid[:, :, None, None].to(dense.dtype)
+    slots, valid = block_slots(block_tables, context_lens, cache.shape[1])
+    dense = cache.flatten(0, 1)[slots].masked_fill(~valid[:, :, None, None], 0)  # (B, L, H_kv, d)
     return dense[0] if single else dense
+
+
+def attend_slots(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                 valid: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """The unchecked core: q (B, H, d) attends to the cache entries at ``slots`` (B, L) where ``valid``."""
+    k = k_cache.flatten(0, 1)[slots].transpose(1, 2)  # (B, H_kv, L, d)
+    v = v_cache.flatten(0, 1)[slots].transpose(1, 2)  # (B, H_kv, L, d)
+    out = F.scaled_dot_product_attention(q[:, :, None, :], k.to(q.dtype), v.to(q.dtype),
+                                         attn_mask=valid[:, None, None, :], scale=scale,
+                                         enable_gqa=True)  # (B, H, 1, d): head h reads kv head h // groups
+    return out[:, :, 0]  # (B, H, d)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -89,19 +112,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                          "same shape (num_blocks, block_size, n_kv_heads, d_head)")
     _check_tables("k_cache", k_cache, block_tables, context_lens)
     B, H, d = q.shape
-    H_kv = k_cache.shape[2]
     if len(block_tables) != B:
         raise ValueError(f"block_tables has {len(block_tables)} rows but q has B={B} sequences")
     if k_cache.shape[3] != d:
         raise ValueError(f"q has d_head={d} but the caches have d_head={k_cache.shape[3]}")
-    if H % H_kv:
-        raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={H_kv}; each key/value head must "
-                         "serve a whole group of query heads")
-    k = gather_kv(k_cache, block_tables, context_lens).transpose(1, 2)  # (B, H_kv, L, d)
-    v = gather_kv(v_cache, block_tables, context_lens).transpose(1, 2)  # (B, H_kv, L, d)
-    k = k.repeat_interleave(H // H_kv, dim=1)  # (B, H, L, d): head h reads kv head h // groups
-    v = v.repeat_interleave(H // H_kv, dim=1)  # (B, H, L, d)
-    valid = torch.arange(k.shape[2], device=q.device)[None, :] < context_lens[:, None]  # (B, L)
-    out = F.scaled_dot_product_attention(q[:, :, None, :], k.to(q.dtype), v.to(q.dtype),
-                                         attn_mask=valid[:, None, None, :], scale=scale)  # (B, H, 1, d)
-    return out[:, :, 0]  # (B, H, d)
+    if H % k_cache.shape[2]:
+        raise ValueError(f"n_heads={H} is not a multiple of n_kv_heads={k_cache.shape[2]}; each key/value "
+                         "head must serve a whole group of query heads")
+    slots, valid = block_slots(block_tables, context_lens, k_cache.shape[1])
+    return attend_slots(q, k_cache, v_cache, slots, valid, scale)

@@ -9,7 +9,7 @@ once, concatenated without padding into one (N, d_model) row set: every token-wi
 projections, MLP, LM head) sees N tokens; only attention is per sequence. Each token's rotated key/value is
 written to its slot; then a sequence with one new token (decode) joins a batched ``paged_attention`` call,
 and a sequence with several (a prompt, or a recomputation after preemption) attends causally over its
-gathered cache with SDPA. Logits are computed only for each sequence's last new token.
+gathered cache with SDPA. The slot addresses of every cached token are computed once per step. Logits are computed only for each sequence's last new token.
 Glossary: N new tokens in the step (all sequences) · S sequences · slot = block · b + offset · pos token
           position (RoPE angle index) · L_i cached + new tokens of sequence i.
 Left out: CUDA graphs, chunked prefill, a fused write-and-attend kernel.
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from effref.models.llama import Llama, apply_rope
-from effref.serving.paged_attention import gather_kv, paged_attention
+from effref.serving.paged_attention import attend_slots, block_slots
 
 
 class PagedKVCache:
@@ -71,6 +71,20 @@ class RaggedBatch:
     n_new: list[int]  # new tokens per sequence (sums to N)
     block_tables: torch.Tensor  # (S, max_blocks) int32, -1 past each table's end
     context_lens: torch.Tensor  # (S,) int32 tokens cached after this step (old + new)
+    context_slots: torch.Tensor  # (S, L) flat addresses of every cached token, shared by all layers
+    valid: torch.Tensor  # (S, L) which of those are real
+
+    def __post_init__(self) -> None:  # the per-step index work, done once rather than in every layer
+        ends = torch.tensor(self.n_new).cumsum(0).tolist()  # one past each sequence's last new token
+        self.last = torch.tensor(ends, device=self.input_ids.device) - 1  # (S,) rows whose logits we need
+        self.decode = [i for i, n in enumerate(self.n_new) if n == 1]
+        self.decode_rows = self.last[self.decode]  # (S_decode,)
+        self.decode_slots, self.decode_valid = self.context_slots[self.decode], self.valid[self.decode]
+        lens = self.context_lens.tolist()
+        self.prefills = [(slice(e - n, e), self.context_slots[i, :lens[i]],  # rows, cached-token addresses,
+                          torch.ones(n, lens[i], dtype=torch.bool, device=self.input_ids.device)
+                          .tril(diagonal=lens[i] - n))  # causal mask: new query j sees keys <= L - n + j
+                         for i, (n, e) in enumerate(zip(self.n_new, ends)) if n > 1]
 
     @classmethod
     def build(cls, tables: list, starts: list[int], device: torch.device | str | None = None) -> RaggedBatch:
@@ -81,37 +95,31 @@ class RaggedBatch:
             pos += range(start, table.num_tokens)
             slots += [table.slot(p) for p in range(start, table.num_tokens)]
         width = max(len(t.blocks) for t in tables)
-        block_tables = torch.tensor([t.blocks + [-1] * (width - len(t.blocks)) for t in tables], dtype=torch.int32)
+        block_tables = torch.tensor([t.blocks + [-1] * (width - len(t.blocks)) for t in tables],
+                                    dtype=torch.int32, device=device)
+        context_lens = torch.tensor([t.num_tokens for t in tables], dtype=torch.int32, device=device)
         as_long = {"dtype": torch.long, "device": device}
         return cls(torch.tensor(ids, **as_long), torch.tensor(pos, **as_long), torch.tensor(slots, **as_long),
-                   [t.num_tokens - s for t, s in zip(tables, starts)], block_tables.to(device),
-                   torch.tensor([t.num_tokens for t in tables], dtype=torch.int32, device=device))
+                   [t.num_tokens - s for t, s in zip(tables, starts)], block_tables, context_lens,
+                   *block_slots(block_tables, context_lens, tables[0].block_size))
 
 
 def _attend(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: RaggedBatch) -> torch.Tensor:
     """Attention of the N new queries (N, n_heads, d_head) over their sequences' cached keys/values."""
     k_pool, v_pool = cache.k[layer], cache.v[layer]  # (num_blocks, b, n_kv, d)
     out = torch.empty_like(q)  # (N, n_heads, d)
-    ends = torch.tensor(batch.n_new).cumsum(0).tolist()
-    decode = [i for i, n in enumerate(batch.n_new) if n == 1]
-    if decode:  # one query per sequence: the batched paged kernel (reference)
-        rows = torch.tensor([ends[i] - 1 for i in decode], device=q.device)
-        out[rows] = paged_attention(q[rows], k_pool, v_pool, batch.block_tables[decode],
-                                    batch.context_lens[decode])
-    groups = q.shape[1] // k_pool.shape[2]
-    for i, n in enumerate(batch.n_new):
-        if n == 1:
-            continue
-        L = int(batch.context_lens[i])
-        k = gather_kv(k_pool, batch.block_tables[i], L).transpose(0, 1).repeat_interleave(groups, 0)  # (H, L, d)
-        v = gather_kv(v_pool, batch.block_tables[i], L).transpose(0, 1).repeat_interleave(groups, 0)  # (H, L, d)
-        mask = torch.ones(n, L, dtype=torch.bool, device=q.device).tril(diagonal=L - n)  # query j sees <= L-n+j
-        rows = slice(ends[i] - n, ends[i])
-        out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask).transpose(0, 1)
+    if batch.decode:  # one query per sequence: the batched paged attention
+        out[batch.decode_rows] = attend_slots(q[batch.decode_rows], k_pool, v_pool, batch.decode_slots,
+                                              batch.decode_valid)
+    for rows, slots, mask in batch.prefills:  # several new tokens: causal attention over the gathered cache
+        k = k_pool.flatten(0, 1)[slots].transpose(0, 1)  # (n_kv, L, d)
+        v = v_pool.flatten(0, 1)[slots].transpose(0, 1)  # (n_kv, L, d)
+        out[rows] = F.scaled_dot_product_attention(q[rows].transpose(0, 1), k, v, attn_mask=mask,
+                                                   enable_gqa=True).transpose(0, 1)  # (n, n_heads, d)
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def paged_forward(model: Llama, cache: PagedKVCache, batch: RaggedBatch) -> torch.Tensor:
     """Logits (S, vocab) of each sequence's last new token; writes every new token's keys/values to ``cache``."""
     if int(batch.positions.max()) >= model.cfg.max_seq_len:
@@ -131,5 +139,4 @@ def paged_forward(model: Llama, cache: PagedKVCache, batch: RaggedBatch) -> torc
         y = _attend(q, cache, layer, batch)  # (N, n_heads, d)
         x = x + attn.o_proj(y.reshape(N, cfg.n_heads * cfg.d_head))  # same residual stream as Block.forward
         x = x + block.mlp(block.mlp_norm(x))  # (N, d_model)
-    last = torch.tensor(batch.n_new, device=x.device).cumsum(0) - 1  # (S,) each sequence's last new token
-    return model.lm_head(model.norm(x[last]))  # (S, vocab)
+    return model.lm_head(model.norm(x[batch.last]))  # (S, vocab): only each sequence's last new token
