@@ -74,7 +74,7 @@ class Engine:
         """Parallel sampling: a request that just processed its prompt gets children sharing its blocks."""
         for i, seq in enumerate(list(step.seqs)):
             for k in range(self._forks.pop(seq.request_id, 0) if not seq.output else 0):
-                gen = None if seq.generator is None else torch.Generator().manual_seed(
+                gen = None if seq.generator is None else torch.Generator(seq.generator.device).manual_seed(
                     seq.generator.initial_seed() + 1000 * (k + 1))
                 child = Sequence(self._next_id, seq.prompt, seq.max_new_tokens, seq.arrival, seq.eos_id, gen,
                                  table=self.manager.fork(seq.table), status="running")
