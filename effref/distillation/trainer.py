@@ -71,7 +71,7 @@ def _default_sampler(temperature: float, generator: torch.Generator) -> Sampler:
 
 
 def _check(student: nn.Module, teacher, data: torch.Tensor, weights: torch.Tensor | None,
-           cfg: DistillConfig) -> None:
+           cfg: DistillConfig, cached: TeacherTargets | None) -> None:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective={cfg.objective!r} is not known; use one of {OBJECTIVES}")
     if data.ndim != 2 or data.is_floating_point() or data.shape[1] < 2:
@@ -96,15 +96,18 @@ def _check(student: nn.Module, teacher, data: torch.Tensor, weights: torch.Tenso
     if not needs_teacher and teacher is not None:
         raise ValueError(f"objective={cfg.objective!r} reads no teacher; pass teacher=None (seq_kd's teacher "
                          "has already written the data: targets.teacher_generations)")
-    if isinstance(teacher, TeacherTargets):
-        if cfg.objective == "gkd" and cfg.on_policy > 0:
-            raise ValueError("on-policy GKD needs the live teacher to score the student's fresh samples; "
-                             "pass the teacher model, or on_policy=0 to use cached TeacherTargets")
-        if teacher.log_probs.shape[:2] != (data.shape[0], data.shape[1] - 1):
-            raise ValueError(f"TeacherTargets cover {tuple(teacher.log_probs.shape[:2])} positions but data "
+    if isinstance(teacher, TeacherTargets) and cfg.objective == "gkd" and cfg.on_policy > 0:
+        raise ValueError("on-policy GKD needs the live teacher to score the student's fresh samples; "
+                         "pass the teacher model (and the cache as cached=), or on_policy=0")
+    if cached is not None and not isinstance(teacher, nn.Module):
+        raise ValueError("cached= serves the off-policy steps of a live teacher; pass the teacher model too")
+    for targets in (teacher, cached):
+        if isinstance(targets, TeacherTargets) and targets.log_probs.shape[:2] != (data.shape[0], data.shape[1] - 1):
+            raise ValueError(f"TeacherTargets cover {tuple(targets.log_probs.shape[:2])} positions but data "
                              f"needs (N, L - 1) = {(data.shape[0], data.shape[1] - 1)}; cache them from this data")
-    if teacher is not None:
-        check_vocab(_vocab(student), teacher.vocab_size if isinstance(teacher, TeacherTargets) else _vocab(teacher))
+        if targets is not None:
+            vocab = targets.vocab_size if isinstance(targets, TeacherTargets) else _vocab(targets)
+            check_vocab(_vocab(student), vocab)
 
 
 def _vocab(model: nn.Module) -> int:
@@ -118,15 +121,17 @@ def _vocab(model: nn.Module) -> int:
 def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data: torch.Tensor,
             config: DistillConfig | None = None, weights: torch.Tensor | None = None,
             sampler: Sampler | None = None, evaluate: Callable[[nn.Module], float] | None = None,
-            progress: bool = True) -> DistillResult:
+            cached: TeacherTargets | None = None, progress: bool = True) -> DistillResult:
     """Train ``student`` in place on rows of ``data`` (N, L) with ``config.objective``; see the module docstring.
 
     ``teacher`` is a model (live logits), cached ``TeacherTargets`` (forward/reverse KL, off-policy GKD) or
     None (supervised, seq_kd). ``weights`` (N, L - 1) optionally weights each predicted position (default 1;
     gkd and seq_kd zero the prompt positions). ``sampler(student, x, n)`` replaces the student's sampling.
+    ``cached`` (with a live teacher) answers the off-policy steps from a cache: only fresh samples cost a
+    teacher forward pass.
     """
     cfg = DistillConfig() if config is None else config
-    _check(student, teacher, data, weights, cfg)
+    _check(student, teacher, data, weights, cfg, cached)
     device = _model_device(student)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = sampler or _default_sampler(cfg.sample_temperature, torch.Generator(device).manual_seed(cfg.seed))
@@ -157,8 +162,9 @@ def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data
         if cfg.objective in ("supervised", "seq_kd"):
             loss = sequence_nll(logits, ids[:, 1:], w)
         else:
-            if isinstance(teacher, TeacherTargets):
-                target = teacher.dense(rows, device)  # (b, L - 1, V) log-probs, valid as logits
+            cache = teacher if isinstance(teacher, TeacherTargets) else None if on_policy else cached
+            if cache is not None:
+                target = cache.dense(rows, device)  # (b, L - 1, V) log-probs, valid as logits
             else:
                 with torch.no_grad():
                     target = _logits(teacher, ids[:, :-1])  # (b, L - 1, V)

@@ -12,6 +12,7 @@ from effref.distillation import (
     cache_teacher_targets,
     distill,
     forward_kl,
+    generalized_jsd,
     teacher_generations,
 )
 from effref.models.llama import Llama, LlamaConfig
@@ -86,6 +87,27 @@ def test_injected_sampler_is_used_and_lambda_zero_never_samples():
     assert all(any(torch.equal(row, d[:-1]) for d in data) for seen in teacher.seen for row in seen)
 
 
+def test_gkd_loss_is_the_generalized_jsd_on_the_sampled_positions_only():
+    data, P = corpus(), 4
+    data[:, :P] = data[0, :P]  # every row has the same prompt x, so any draw gives the same step
+    fixed = torch.randint(0, V, (2, 10 - P), generator=torch.Generator().manual_seed(9))
+
+    def sampler(student, prompt, n):
+        return torch.cat([prompt, fixed], dim=1)
+
+    student, teacher = tiny_llama(2), tiny_llama(1)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    cfg = DistillConfig(objective="gkd", steps=1, batch_size=2, prompt_len=P, beta=0.3, temperature=1.5)
+    loss = distill(student, teacher, data, cfg, sampler=sampler, progress=False).losses[0]
+    student.load_state_dict(before)
+    ids = torch.cat([data[:2, :P], fixed], dim=1)  # the prompt, then the sample
+    with torch.no_grad():
+        zs, zt = student(ids[:, :-1]), teacher(ids[:, :-1])
+    mask = torch.zeros(2, 9)
+    mask[:, P - 1:] = 1  # position j predicts token j + 1: only the sampled tokens are scored
+    assert loss == pytest.approx(generalized_jsd(zs, zt, mask, temperature=1.5, beta=0.3).item(), rel=1e-5)
+
+
 def test_teacher_generations_are_greedy_teacher_text_and_seq_kd_learns_it():
     teacher = always(5)
     prompts = corpus(n=8, L=4, seed=3)
@@ -112,6 +134,16 @@ def test_cached_targets_at_full_k_equal_the_live_teacher():
     live = distill(tiny_llama(2), teacher, data, cfg, progress=False).losses
     cold = distill(tiny_llama(2), cached, data, cfg, progress=False).losses
     assert live == pytest.approx(cold, rel=1e-4)
+
+
+def test_cache_answers_off_policy_steps_and_the_live_teacher_only_fresh_samples():
+    teacher, data = Recorder(tiny_llama(1)), corpus()
+    cached = cache_teacher_targets(teacher.model, data, k=V, progress=False)
+    cfg = DistillConfig(objective="gkd", steps=12, prompt_len=4, on_policy=0.5, seed=3)
+    mixed = distill(tiny_llama(2), teacher, data, cfg, cached=cached, progress=False)
+    assert 0 < len(mixed.samples) < 12 and mixed.teacher_calls == len(mixed.samples) == len(teacher.seen)
+    live = distill(tiny_llama(2), tiny_llama(1), data, cfg, progress=False)  # same draws, all live
+    assert live.teacher_calls == 12 and live.losses == pytest.approx(mixed.losses, rel=1e-4)
 
 
 def test_top_k_targets_keep_the_top_k_and_spread_the_rest_evenly():
@@ -165,6 +197,9 @@ BAD = [
     (bad(teacher=TeacherTargets(torch.zeros(3, 9, 2), torch.zeros(3, 9, 2, dtype=torch.long), V)),
      "TeacherTargets cover (3, 9) positions"),
     (bad(config=DistillConfig(objective="gkd", on_policy=1.5)), "on_policy=1.5 must lie in [0, 1]"),
+    (lambda: distill(tiny_llama(2), None, corpus(), DistillConfig(objective="seq_kd"), progress=False,
+                     cached=TeacherTargets(torch.zeros(12, 9, 2), torch.zeros(12, 9, 2, dtype=torch.long), V)),
+     "cached= serves the off-policy steps of a live teacher"),
     (bad(config=DistillConfig(objective="gkd", prompt_len=10)), "prompt_len=10 must lie in [1, L - 1]"),
     (bad(weights=torch.ones(12, 10)), "weights shape (12, 10) != (N, L - 1)"),
     (bad(data=corpus().float()), "data must be integer token ids"),
