@@ -3,7 +3,7 @@
 Papers: Kwon et al. (2023), "Efficient Memory Management for Large Language Model Serving with PagedAttention",
 arXiv:2309.06180 (vLLM) — §4; Yu, Jeong, Kim, Kim, Chun (2022), "Orca: A Distributed Serving System for
 Transformer-Based Generative Models", OSDI '22 — §4.
-Implements: the loop  schedule → apply copy-on-write copies → one ragged forward over every scheduled
+Implements: the loop  schedule → swap blocks out to / in from CPU memory, apply copy-on-write copies → one ragged forward over every scheduled
 sequence's new tokens (``paged_forward``) → pick each sequence's next token → commit (finished sequences
 free their blocks at once). ``generate`` returns each request's new tokens, ``stream`` yields
 (request index, token) as soon as a token exists, ``serve`` replays a timed trace on a clock that advances
@@ -35,14 +35,16 @@ class Engine:
     """Continuous-batching generation for a ``Llama`` over a pool of ``num_blocks`` KV blocks."""
 
     def __init__(self, model: Llama, num_blocks: int = 256, block_size: int = 16, max_batch: int = 8,
-                 max_step_tokens: int = 512, share_prefixes: bool = True):
+                 max_step_tokens: int = 512, share_prefixes: bool = True, preemption: str = "recompute",
+                 num_cpu_blocks: int = 0):
         if not isinstance(model, Llama):
             raise TypeError(f"model must be an effref.models.llama.Llama, got {type(model).__name__}; "
                             "convert a transformers model with Llama.from_hf")
         self.model = model.eval()
         self.manager = BlockManager(num_blocks, block_size, share_prefixes)
-        self.cache = PagedKVCache.for_model(model, num_blocks, block_size)
-        self.scheduler = Scheduler(self.manager, max_batch, max_step_tokens, model.cfg.max_seq_len)
+        self.scheduler = Scheduler(self.manager, max_batch, max_step_tokens, model.cfg.max_seq_len, preemption,
+                                   num_cpu_blocks)
+        self.cache = PagedKVCache.for_model(model, num_blocks, block_size, num_cpu_blocks)
         self.steps, self._next_id = 0, 0
         self.temperature, self.top_k = 0.0, None  # set per ``stream`` call
         self._forks: dict[int, int] = {}  # request id -> extra samples still to fork
@@ -92,6 +94,7 @@ class Engine:
         if not step.seqs:
             raise RuntimeError("the scheduler found nothing to run although requests are waiting; "
                                "this engine's block pool is too small for the next request")
+        self.cache.swap(step.swap_out, step.swap_in)  # before anything writes into freed blocks
         self.cache.copy_blocks(step.copies)
         batch = RaggedBatch.build([s.table for s in step.seqs], step.starts, self.cache.k.device)
         logits = paged_forward(self.model, self.cache, batch)  # (S, vocab)

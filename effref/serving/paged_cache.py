@@ -30,17 +30,20 @@ class PagedKVCache:
     """Key and value block pools for every layer of a model: (n_layers, num_blocks, b, n_kv_heads, d_head)."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, d_head: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+                 num_cpu_blocks: int = 0):
         shape = (n_layers, num_blocks, block_size, n_kv_heads, d_head)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        cpu_shape = (n_layers, num_cpu_blocks, block_size, n_kv_heads, d_head)  # swap space in host memory
+        self.k_cpu, self.v_cpu = torch.zeros(cpu_shape, dtype=dtype), torch.zeros(cpu_shape, dtype=dtype)
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @classmethod
-    def for_model(cls, model: Llama, num_blocks: int, block_size: int = 16) -> PagedKVCache:
+    def for_model(cls, model: Llama, num_blocks: int, block_size: int = 16, num_cpu_blocks: int = 0) -> PagedKVCache:
         w = model.embed.weight
         return cls(model.cfg.n_layers, num_blocks, block_size, model.cfg.n_kv_heads, model.cfg.d_head,
-                   dtype=w.dtype, device=w.device)
+                   dtype=w.dtype, device=w.device, num_cpu_blocks=num_cpu_blocks)
 
     @property
     def bytes_per_token(self) -> int:
@@ -59,6 +62,15 @@ class PagedKVCache:
             src, dst = zip(*pairs)
             self.k[:, list(dst)] = self.k[:, list(src)]
             self.v[:, list(dst)] = self.v[:, list(src)]
+
+    def swap(self, swap_out: list[tuple[int, int]], swap_in: list[tuple[int, int]]) -> None:
+        """Copy (device, CPU) block pairs out to host memory, then (CPU, device) pairs back in."""
+        if swap_out:
+            dev, cpu = (list(x) for x in zip(*swap_out))
+            self.k_cpu[:, cpu], self.v_cpu[:, cpu] = self.k[:, dev].cpu(), self.v[:, dev].cpu()
+        if swap_in:
+            cpu, dev = (list(x) for x in zip(*swap_in))
+            self.k[:, dev], self.v[:, dev] = self.k_cpu[:, cpu].to(self.k.device), self.v_cpu[:, cpu].to(self.v.device)
 
 
 @dataclass

@@ -61,6 +61,18 @@ def test_preemption_by_recomputation_keeps_outputs_identical(model, requests):
     assert engine.manager.num_free == 14
 
 
+def test_preemption_by_swapping_to_cpu_keeps_outputs_identical(model, requests):
+    prompts, lengths = requests
+    engine = Engine(model, num_blocks=14, block_size=4, max_batch=7, preemption="swap", num_cpu_blocks=32)
+    steps = record_steps(engine)
+    out = engine.generate(prompts, lengths)
+    swapped_out = [pair for s in steps for pair in s.swap_out]
+    swapped_in = [pair for s in steps for pair in s.swap_in]
+    assert swapped_out and sorted(c for _, c in swapped_out) == sorted(c for c, _ in swapped_in)
+    assert out == [alone(model, p, n) for p, n in zip(prompts, lengths)]
+    assert engine.manager.num_free == 14 and engine.scheduler.cpu.num_free == 32
+
+
 def test_shared_prompt_prefixes_are_computed_once_and_give_the_same_output(model, requests):
     prefix = requests[0][4][:32]
     prompts = [prefix + [1, 2, 3], prefix + [4], prefix + [5, 6]]
@@ -166,6 +178,8 @@ def test_trace_is_seeded_and_has_the_requested_statistics():
     (lambda m: Engine(torch.nn.Linear(2, 2)), TypeError, "Llama.from_hf"),
     (lambda m: Engine(m, block_size=0), ValueError, "block_size=0"),
     (lambda m: Engine(m, max_batch=0), ValueError, "max_batch=0"),
+    (lambda m: Engine(m, preemption="swap"), ValueError, "num_cpu_blocks >= 1"),
+    (lambda m: Engine(m, preemption="drop"), ValueError, "preemption='drop'"),
     (lambda m: TraceConfig(rate=0.0), ValueError, "rate=0.0"),
     (lambda m: TraceConfig(prompt_len=(5, 2)), ValueError, "prompt_len"),
     (lambda m: TraceConfig(output_len=(1, 8), output_mean=20.0), ValueError, "output_mean=20.0"),
