@@ -4,8 +4,8 @@
   reference of PagedAttention, Kwon et al. 2023); ``kernels/paged_attention.py`` is the Triton version.
 - ``blocks``: reference-counted block allocator, block tables, copy-on-write, prefix sharing.
 - ``paged_cache``: block pools for our Llama and a ragged forward that reads and writes them.
-- ``scheduler``: iteration-level (continuous) batching with FCFS admission and preemption by recomputation
-  (Orca, Yu et al. 2022; vLLM).
+- ``scheduler``: iteration-level (continuous) batching with FCFS admission and preemption by recomputation or
+  by swapping to a CPU block pool (Orca, Yu et al. 2022; vLLM).
 - ``trace``: seeded synthetic request traces (Poisson arrivals, length distributions).
 - ``engine``: ``Engine`` with ``generate``, ``stream`` and a timed ``serve``.
 - ``bench``: the static-batching baseline with transformers' ``generate`` and KV-memory bookkeeping.

@@ -13,7 +13,7 @@ blocks match reuses them instead of allocating, and its prefill skips those toke
 hash: a live block's predecessor is live too (every table holds whole prefixes), so its id is unambiguous.
 Glossary: b block_size · refcount[i] tables holding block i · slot = block · b + offset, a token's address.
 Left out: keeping freed prefix blocks around as an evictable cache (vLLM's automatic prefix caching): here a
-          prefix is shared only while some sequence still holds it; swapping blocks to CPU memory.
+          prefix is shared only while some sequence still holds it. (Swapping to CPU lives in the scheduler.)
 """
 
 from __future__ import annotations

@@ -3,9 +3,10 @@
 Papers: Kwon et al. (2023), "Efficient Memory Management for Large Language Model Serving with PagedAttention",
 arXiv:2309.06180 (vLLM) — §4; Yu, Jeong, Kim, Kim, Chun (2022), "Orca: A Distributed Serving System for
 Transformer-Based Generative Models", OSDI '22 — §4.
-Implements: the loop  schedule → swap blocks out to / in from CPU memory, apply copy-on-write copies → one ragged forward over every scheduled
-sequence's new tokens (``paged_forward``) → pick each sequence's next token → commit (finished sequences
-free their blocks at once). ``generate`` returns each request's new tokens, ``stream`` yields
+Implements: the loop  schedule → copy swapped blocks out to / in from CPU memory and apply copy-on-write
+copies → one ragged forward over every scheduled sequence's new tokens (``paged_forward``) → pick each
+sequence's next token → commit (finished sequences free their blocks at once). Preemption is by
+recomputation (default) or by swapping (``preemption="swap"``, ``num_cpu_blocks``). ``generate`` returns each request's new tokens, ``stream`` yields
 (request index, token) as soon as a token exists, ``serve`` replays a timed trace on a clock that advances
 by the measured wall time of each step (and jumps over idle gaps instead of sleeping) and records
 each request's first-token and finish times. Greedy decoding, or sampling (temperature, top-k) from a
