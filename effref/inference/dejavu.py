@@ -129,13 +129,13 @@ def train_predictor(x: torch.Tensor, importance: torch.Tensor, config: DejaVuCon
     d, d_ff = x.shape[1], importance.shape[1]
     if config.rank > min(d + 1, d_ff):
         raise ValueError(f"rank={config.rank} exceeds min(d + 1, d_ff) = {min(d + 1, d_ff)}")
-    X = torch.cat([x, torch.ones_like(x[:, :1])], 1).double()  # (N, d + 1)
-    Y = importance.sqrt()
-    Y = (Y / Y.mean(1, keepdim=True).clamp_min(1e-12)).double()  # (N, d_ff)
-    G = X.T @ X  # (d + 1, d + 1)
+    X = torch.cat([x, torch.ones_like(x[:, :1])], 1).float()  # (N, d + 1)
+    Y = importance.float().sqrt()
+    Y = Y / Y.mean(1, keepdim=True).clamp_min(1e-12)  # (N, d_ff)
+    G = (X.T @ X).double()  # (d + 1, d + 1); the small solves in float64, the big products in float32
     G += config.ridge * G.diagonal().mean() * torch.eye(d + 1, dtype=G.dtype, device=G.device)
     L = torch.linalg.cholesky(G)
-    W = torch.cholesky_solve(X.T @ Y, L)  # (d + 1, d_ff), the ridge solution
+    W = torch.cholesky_solve((X.T @ Y).double(), L)  # (d + 1, d_ff), the ridge solution
     V = torch.linalg.svd(L.T @ W, full_matrices=False).Vh[:config.rank]  # (r, d_ff)
     predictor = SparsityPredictor(d, d_ff, config.rank).to(device=x.device, dtype=x.dtype)
     A = (W @ V.T).to(x.dtype)  # (d + 1, r)
