@@ -7,4 +7,6 @@
 - ``bild``, ``specinfer``, ``medusa``, ``llma``, ``lookahead``: the other draft-and-verify schemes.
 - ``kv_policies``: StreamingLLM sinks + window, H2O, Scissorhands as ``KVCache`` subclasses.
 - ``skipdecode``: SkipDecode's token-level early exit with a per-layer cache.
+- ``flexgen``: FlexGen's offloading cost model (GPU/CPU/disk placement by linear programming, 4-bit compression).
+- ``dejavu``: Deja Vu's contextual sparsity for SwiGLU MLPs (neuron importance, low-rank predictors, sparse MLP).
 """

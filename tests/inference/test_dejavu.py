@@ -135,3 +135,29 @@ def test_wrong_number_of_predictors_is_reported(tiny_llama):
     model = tiny_llama()
     with pytest.raises(ValueError, match="predictors for 3 blocks"), sparsified(model, 0.5, predictors=[None]):
         pass
+
+
+@pytest.mark.slow
+def test_smollm2_oracle_half_keeps_perplexity_and_predictor_sits_between_oracle_and_random() -> None:
+    import effref
+    if not effref.assets.is_available("smollm2-135m"):
+        pytest.skip("SmolLM2-135M is not fetched (python -m effref.assets fetch smollm2-135m)")
+    from effref.data import load_corpus, tokenize
+    from effref.models import load_model
+    model, tokenizer, _ = load_model("smollm2-135m", impl="effref")
+    text = load_corpus("austen")
+    calib = tokenize(tokenizer, text.train[:20_000])[None, :256]
+    ids = tokenize(tokenizer, text.test[:20_000])[None, :128]
+
+    def nll() -> float:
+        return torch.nn.functional.cross_entropy(model(ids)[0, :-1], ids[0, 1:]).item()
+
+    with torch.no_grad():
+        dense = nll()
+        predictors = fit_predictors(model, calib, DejaVuConfig(rank=32))
+        got = {}
+        for selector in ("oracle", "predictor", "random"):
+            with sparsified(model, 0.5, selector, predictors):
+                got[selector] = nll()
+    assert got["oracle"] < dense + 0.15  # half the neurons, chosen with hindsight: within ~16% perplexity
+    assert got["oracle"] < got["predictor"] < got["random"]
