@@ -8,5 +8,6 @@
 - ``kv_policies``: StreamingLLM sinks + window, H2O, Scissorhands as ``KVCache`` subclasses.
 - ``skipdecode``: SkipDecode's token-level early exit with a per-layer cache.
 - ``flexgen``: FlexGen's offloading cost model (GPU/CPU/disk placement by linear programming, 4-bit compression).
-- ``dejavu``: Deja Vu's contextual sparsity for SwiGLU MLPs (neuron importance, low-rank predictors, sparse MLP).
+- ``dejavu``: Deja Vu's contextual sparsity for SwiGLU MLP neurons and attention heads (importance, low-rank
+  predictors, sparse MLP and sparse attention).
 """
