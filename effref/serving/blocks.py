@@ -9,7 +9,9 @@ counts: forking a sequence (another sample of the same prompt, a beam) copies on
 the counts; the first write into a block whose count is > 1 gives the writer a private copy (copy-on-write),
 reported as a (source, destination) pair for the cache to copy. Prefix sharing: every *full* block is
 registered under the key (physical id of the previous block, its b token ids); a new prompt whose leading
-blocks match reuses them instead of allocating, and its prefill skips those tokens. The key is exact, not a
+blocks match reuses them instead of allocating, and its prefill skips those tokens. ``truncate`` shortens a
+table (speculative decoding's rollback): blocks past the kept tokens lose a reference, and a kept block left
+partly filled is unregistered, since its tail will be rewritten. The key is exact, not a
 hash: a live block's predecessor is live too (every table holds whole prefixes), so its id is unambiguous.
 Glossary: b block_size · refcount[i] tables holding block i · slot = block · b + offset, a token's address.
 Left out: keeping freed prefix blocks around as an evictable cache (vLLM's automatic prefix caching): here a
@@ -172,9 +174,30 @@ class BlockManager:
             self.allocator.incref(block)
         return BlockTable(self.block_size, list(table.blocks), list(table.tokens))
 
+    def _release(self, block: int) -> None:
+        """Drop one reference; a block that returns to the pool stops being findable as a prefix."""
+        if self.allocator.free(block) and block in self._key_of:
+            del self._by_key[self._key_of.pop(block)]
+
+    def truncate(self, table: BlockTable, num_tokens: int) -> None:
+        """Keep the first ``num_tokens`` tokens (rollback of rejected speculative drafts).
+
+        Whole blocks past them lose this table's reference (returning to the pool if no one else holds them).
+        A kept block that is left partly filled is unregistered as a prefix block: its later slots will be
+        rewritten (in place if the table holds it alone, else ``append`` copies it first).
+        """
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or not 0 <= num_tokens <= table.num_tokens:
+            raise ValueError(f"num_tokens={num_tokens!r} must be an integer in [0, {table.num_tokens}] "
+                             "(a table can only be shortened)")
+        keep = self.blocks_needed(num_tokens)
+        for block in table.blocks[keep:]:
+            self._release(block)
+        del table.blocks[keep:], table.tokens[num_tokens:]
+        if num_tokens % self.block_size and table.blocks[-1] in self._key_of:
+            del self._by_key[self._key_of.pop(table.blocks[-1])]
+
     def free(self, table: BlockTable) -> None:
         """Release the table's references (blocks no one else holds return to the pool)."""
         for block in table.blocks:
-            if self.allocator.free(block) and block in self._key_of:
-                del self._by_key[self._key_of.pop(block)]
+            self._release(block)
         table.blocks, table.tokens = [], []

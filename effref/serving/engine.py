@@ -13,9 +13,18 @@ each request's first-token and finish times. Greedy decoding, or sampling (tempe
 per-request random stream seeded by ``seed + request index``, so a request's output does not depend on which
 others share its batch. ``n_samples`` > 1 forks a request after its prompt is processed: the samples share
 the prompt's blocks and copy the last, partly filled block on their first write (copy-on-write).
-Glossary: step = one model iteration · clock = serving time in seconds.
-Left out: speculative decoding inside the engine (effref.inference has the algorithms for one sequence; a
-          ragged draft-and-verify step needs per-sequence rollback of block tables), stop strings, logprobs.
+Greedy speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; ``draft=``, ``gamma=``): in a step,
+every decoding sequence first gets up to γ tokens from the draft model (run one sequence at a time on its own
+dense ``KVCache``, never more than its remaining tokens − 1, and only as far as free blocks allow); their slots
+are reserved in its block table, and one ragged ``paged_forward`` verifies all sequences' γ+1 positions at
+once (prefills share that call). A sequence keeps the longest prefix of drafts equal to the target's argmax
+plus the target's next token; ``commit`` caps them at ``max_new_tokens`` / EOS and truncates the block table
+past the kept tokens, returning whole unneeded blocks to the pool. Output is token-for-token that of greedy
+decoding. ``speculation_stats`` reports target steps and accepted drafts per verification.
+Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma``.
+Left out: speculative *sampling* in the engine (greedy only; effref.inference.speculative has the sampling
+          rule for one sequence), a batched or paged draft (each draft runs alone on a dense cache), choosing
+          γ per sequence from its acceptance rate, stop strings, logprobs.
 """
 
 from __future__ import annotations
@@ -26,7 +35,8 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from effref.models.llama import Llama
+from effref.inference.speculative import SpeculativeConfig, check_pair, draft_tokens
+from effref.models.llama import KVCache, Llama
 from effref.serving.blocks import BlockManager
 from effref.serving.paged_cache import PagedKVCache, RaggedBatch, paged_forward
 from effref.serving.scheduler import Scheduler, Sequence, Step
@@ -37,10 +47,20 @@ class Engine:
 
     def __init__(self, model: Llama, num_blocks: int = 256, block_size: int = 16, max_batch: int = 8,
                  max_step_tokens: int = 512, share_prefixes: bool = True, preemption: str = "recompute",
-                 num_cpu_blocks: int = 0):
+                 num_cpu_blocks: int = 0, draft: Llama | None = None, gamma: int = 4):
         if not isinstance(model, Llama):
             raise TypeError(f"model must be an effref.models.llama.Llama, got {type(model).__name__}; "
                             "convert a transformers model with Llama.from_hf")
+        if draft is not None:
+            if not isinstance(draft, Llama):
+                raise TypeError(f"draft must be an effref.models.llama.Llama, got {type(draft).__name__}; "
+                                "e.g. effref.inference.drafts.layer_skip_draft(model, 2)")
+            check_pair(model, draft)  # same vocabulary
+            SpeculativeConfig(gamma=gamma, temperature=0.0)  # validates gamma
+        self.draft, self.gamma = (None if draft is None else draft.eval()), gamma
+        self._draft_caches: dict[int, KVCache] = {}  # request id -> its draft's cache (a prefix of its tokens)
+        self.accepted: list[int] = []  # drafts accepted at each verification (one per sequence and step)
+        self.drafted: list[int] = []  # drafts proposed at each verification
         self.model = model.eval()
         self.manager = BlockManager(num_blocks, block_size, share_prefixes)
         self.scheduler = Scheduler(self.manager, max_batch, max_step_tokens, model.cfg.max_seq_len, preemption,
@@ -73,7 +93,7 @@ class Engine:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return int(torch.multinomial(logits.softmax(-1), 1, generator=seq.generator))
 
-    def _fork(self, step: Step, logits: torch.Tensor) -> torch.Tensor:
+    def _fork(self, step: Step, logits: list[torch.Tensor], drafts: list[list[int]]) -> list[torch.Tensor]:
         """Parallel sampling: a request that just processed its prompt gets children sharing its blocks."""
         for i, seq in enumerate(list(step.seqs)):
             for k in range(self._forks.pop(seq.request_id, 0) if not seq.output else 0):
@@ -84,26 +104,86 @@ class Engine:
                 self._next_id += 1
                 step.seqs.append(child)
                 step.starts.append(step.starts[i])
-                logits = torch.cat([logits, logits[i:i + 1]])
+                logits.append(logits[i])
+                drafts.append([])
                 self.scheduler.running.append(child)
         return logits
 
+    def _propose(self, step: Step) -> list[list[int]]:
+        """Draft tokens for every decoding sequence of the step, their slots reserved in its block table."""
+        drafts: list[list[int]] = []
+        for seq, start in zip(step.seqs, step.starts):
+            n = min(self.gamma, seq.max_new_tokens - len(seq.output) - 1)  # never more than can be emitted
+            if self.draft is None or not seq.output or start != len(seq.tokens) - 1 or n < 1:
+                drafts.append([])  # a prefill or a recomputation: verified next step
+                continue
+            cache = self._draft_caches.get(seq.request_id)
+            if cache is None:
+                cache = self._draft_caches[seq.request_id] = self.draft.new_cache(
+                    1, len(seq.prompt) + seq.max_new_tokens)
+            proposed, _, _ = draft_tokens(self.draft, seq.tokens, cache, n)  # greedy
+            kept = []
+            for token in proposed:
+                if not self.manager.can_append(seq.table):  # no free block: verify fewer drafts
+                    break
+                copy = self.manager.append(seq.table, token)
+                if copy is not None:
+                    step.copies.append(copy)
+                kept.append(token)
+            drafts.append(kept)
+        return drafts
+
+    def _verify(self, step: Step, rows: list[torch.Tensor], drafts: list[list[int]]) -> list[list[int]]:
+        """Each sequence's new tokens: the drafts matching the target's argmax, then the target's own token."""
+        new = []
+        for seq, logits, drafted in zip(step.seqs, rows, drafts):  # logits (len(drafted) + 1, vocab)
+            if not drafted:
+                new.append([self._pick(logits[-1], seq)])
+                continue
+            target = logits.argmax(-1).tolist()  # the target's greedy token after each prefix
+            n = 0
+            while n < len(drafted) and drafted[n] == target[n]:
+                n += 1
+            new.append(drafted[:n] + [target[n]])
+            self.accepted.append(n)
+            self.drafted.append(len(drafted))
+        return new
+
     @torch.no_grad()
     def step(self) -> list[tuple[Sequence, int]]:
-        """One model iteration; returns the (sequence, new token) pairs it produced."""
+        """One model iteration; returns the (sequence, new token) pairs it produced (with a draft, a sequence
+        may produce several)."""
         step = self.scheduler.schedule()
         if not step.seqs:
             raise RuntimeError("the scheduler found nothing to run although requests are waiting; "
                                "this engine's block pool is too small for the next request")
         self.cache.swap(step.swap_out, step.swap_in)  # before anything writes into freed blocks
+        drafts = self._propose(step)
         self.cache.copy_blocks(step.copies)
         batch = RaggedBatch.build([s.table for s in step.seqs], step.starts, self.cache.k.device)
-        logits = paged_forward(self.model, self.cache, batch)  # (S, vocab)
-        logits = self._fork(step, logits)
-        tokens = [self._pick(row, seq) for row, seq in zip(logits, step.seqs)]
-        self.scheduler.commit(step, tokens)
+        counts = [len(d) + 1 for d in drafts]  # logit rows per sequence: its last new token and its drafts
+        ends = batch.last + 1  # (S,) one past each sequence's last new token
+        wanted = torch.cat([torch.arange(int(e) - c, int(e)) for e, c in zip(ends, counts)]).to(ends.device)
+        logits = paged_forward(self.model, self.cache, batch, wanted)  # (Σ counts, vocab)
+        rows = self._fork(step, list(logits.split(counts)), drafts)
+        before = [len(seq.output) for seq in step.seqs]
+        self.scheduler.commit(step, self._verify(step, rows, drafts))
         self.steps += 1
-        return list(zip(step.seqs, tokens))
+        for seq in step.seqs:
+            if seq.status == "finished":
+                self._draft_caches.pop(seq.request_id, None)
+            elif seq.request_id in self._draft_caches:  # keep only what matches the committed tokens
+                cache = self._draft_caches[seq.request_id]
+                cache.truncate(min(cache.length, seq.num_computed))
+        return [(seq, token) for seq, n in zip(step.seqs, before) for token in seq.output[n:]]
+
+    def speculation_stats(self) -> dict[str, float]:
+        """Target steps and the drafts accepted per verification (one verification = one sequence, one step)."""
+        n = max(len(self.accepted), 1)
+        return {"target_steps": self.steps, "verifications": len(self.accepted),
+                "accepted_per_verification": sum(self.accepted) / n,
+                "tokens_per_verification": sum(self.accepted) / n + 1 if self.accepted else 0.0,
+                "acceptance_rate": sum(self.accepted) / max(sum(self.drafted), 1)}
 
     def stream(self, prompts: Seq, max_new_tokens: int | Seq[int], temperature: float = 0.0,
                top_k: int | None = None, seed: int = 0, eos_id: int | None = None,
@@ -112,12 +192,16 @@ class Engine:
         (forked samples get the ids after them)."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature}, top_k={top_k}: need temperature >= 0, top_k >= 1")
+        if temperature > 0 and self.draft is not None:
+            raise ValueError(f"temperature={temperature} with a draft model: the engine's speculative decoding "
+                             "is greedy only; use temperature=0, or an Engine without draft to sample")
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
         lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(lengths) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(lengths)} entries for {len(prompts)} prompts")
         self.temperature, self.top_k, self._next_id = temperature, top_k, 0
+        self._draft_caches.clear()  # request ids start again at 0
         try:
             for i, (prompt, n) in enumerate(zip(prompts, lengths)):
                 self.add_request(prompt, n, eos_id=eos_id, seed=seed + i if temperature > 0 else None,
@@ -143,6 +227,7 @@ class Engine:
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
         self.temperature, self.top_k, self._next_id = 0.0, None, 0
+        self._draft_caches.clear()
         pending = sorted(requests, key=lambda r: r[0])
         clock, done, i = 0.0, [], 0
         while i < len(pending) or self.scheduler.has_work:
@@ -155,7 +240,7 @@ class Engine:
             start = time.perf_counter()
             produced = self.step()
             clock += time.perf_counter() - start
-            for seq, _ in produced:
+            for seq in {id(seq): seq for seq, _ in produced}.values():  # a sequence may produce several
                 if seq.first_token_time is None:
                     seq.first_token_time = clock
                 if seq.status == "finished":

@@ -9,7 +9,8 @@ once, concatenated without padding into one (N, d_model) row set: every token-wi
 projections, MLP, LM head) sees N tokens; only attention is per sequence. Each token's rotated key/value is
 written to its slot; then a sequence with one new token (decode) joins a batched ``paged_attention`` call,
 and a sequence with several (a prompt, or a recomputation after preemption) attends causally over its
-gathered cache with SDPA. The slot addresses of every cached token are computed once per step. Logits are computed only for each sequence's last new token.
+gathered cache with SDPA. The slot addresses of every cached token are computed once per step. Logits are
+computed only for each sequence's last new token, or for the rows asked for (speculative verification).
 Glossary: N new tokens in the step (all sequences) · S sequences · slot = block · b + offset · pos token
           position (RoPE angle index) · L_i cached + new tokens of sequence i.
 Left out: CUDA graphs, chunked prefill, a fused write-and-attend kernel.
@@ -132,8 +133,13 @@ def _attend(q: torch.Tensor, cache: PagedKVCache, layer: int, batch: RaggedBatch
 
 
 @torch.inference_mode()
-def paged_forward(model: Llama, cache: PagedKVCache, batch: RaggedBatch) -> torch.Tensor:
-    """Logits (S, vocab) of each sequence's last new token; writes every new token's keys/values to ``cache``."""
+def paged_forward(model: Llama, cache: PagedKVCache, batch: RaggedBatch,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (S, vocab) of each sequence's last new token; writes every new token's keys/values to ``cache``.
+
+    ``rows`` (R,), indices into the N new tokens, asks for those tokens' logits (R, vocab) instead (speculative
+    verification needs every drafted position).
+    """
     if int(batch.positions.max()) >= model.cfg.max_seq_len:
         raise ValueError(f"position {int(batch.positions.max())} exceeds the model's max_seq_len="
                          f"{model.cfg.max_seq_len}")
@@ -151,4 +157,4 @@ def paged_forward(model: Llama, cache: PagedKVCache, batch: RaggedBatch) -> torc
         y = _attend(q, cache, layer, batch)  # (N, n_heads, d)
         x = x + attn.o_proj(y.reshape(N, cfg.n_heads * cfg.d_head))  # same residual stream as Block.forward
         x = x + block.mlp(block.mlp_norm(x))  # (N, d_model)
-    return model.lm_head(model.norm(x[batch.last]))  # (S, vocab): only each sequence's last new token
+    return model.lm_head(model.norm(x[batch.last if rows is None else rows]))  # (S or R, vocab)

@@ -15,8 +15,8 @@ Implements: the batch is rebuilt at every model iteration instead of once per re
      then, if none is left swapped, admits waiting sequences in arrival order (FCFS: it stops at the first
      one that does not fit) while the batch has room (``max_batch``), the step's token budget
      (``max_step_tokens``) allows, and the block pool can hold their tokens (sharing cached prefix blocks).
-``commit`` appends the sampled tokens and retires finished sequences, whose blocks return to the pool at
-once, so the next iteration can admit new work — the point of iteration-level scheduling.
+``commit`` appends the sampled tokens (several at once after a speculative step, cutting the block table
+back past rejected drafts) and retires finished sequences, whose blocks return to the pool at once, so the next iteration can admit new work — the point of iteration-level scheduling.
 Glossary: waiting / running / swapped queues · a step = one forward over the scheduled sequences' new tokens
           · ``num_computed`` tokens of a sequence whose keys/values are in the cache.
 Left out: priorities other than arrival order, chunked prefill, a free-block watermark; blocks shared with
@@ -172,13 +172,23 @@ class Scheduler:
         return Step(list(self.running), [s.num_computed for s in self.running], copies, preempted, swap_out,
                     swap_in)
 
-    def commit(self, step: Step, tokens: list[int]) -> list[Sequence]:
-        """Record each scheduled sequence's next token; returns (and releases) the sequences that finished."""
+    def commit(self, step: Step, tokens: list[int | list[int]]) -> list[Sequence]:
+        """Record each scheduled sequence's next token (or several: accepted speculative drafts plus the
+        target's token); returns (and releases) the sequences that finished.
+
+        Tokens past ``max_new_tokens`` or an EOS are dropped. The table is cut back to the tokens whose
+        keys/values are valid (all but the newest), releasing the slots of rejected drafts.
+        """
         done = []
-        for seq, token in zip(step.seqs, tokens):
-            seq.num_computed = len(seq.tokens)
-            seq.output.append(int(token))
-            if seq.finished:
+        for seq, new in zip(step.seqs, tokens):
+            for token in new if isinstance(new, (list, tuple)) else [new]:
+                seq.output.append(int(token))
+                if seq.finished:
+                    break
+            seq.num_computed = len(seq.tokens) - 1  # the newest token's keys/values come with the next step
+            if not seq.finished:
+                self.manager.truncate(seq.table, seq.num_computed)
+            else:
                 seq.status = "finished"
                 self.manager.free(seq.table)
                 seq.table = None

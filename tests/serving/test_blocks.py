@@ -1,4 +1,5 @@
-"""Block allocator and manager: no leaks or double frees under random workloads, copy-on-write, prefix sharing."""
+"""Block allocator and manager: no leaks or double frees under random workloads (with truncation), copy-on-write,
+prefix sharing."""
 
 import random
 
@@ -12,7 +13,7 @@ try:
 except ImportError:  # listed in the test extras; the seeded version below runs either way
     given = None
 
-KINDS = ["new", "append", "fork", "free"]
+KINDS = ["new", "append", "fork", "free", "truncate"]
 
 
 def run_workload(ops, num_blocks, block_size, share):
@@ -43,6 +44,9 @@ def run_workload(ops, num_blocks, block_size, share):
                 tables.append(manager.fork(tables[r % len(tables)]))
             elif tables and op == "free":
                 manager.free(tables.pop(r % len(tables)))
+            elif tables and op == "truncate":  # speculative rollback: later appends rewrite the cut-off slots
+                table = tables[r % len(tables)]
+                manager.truncate(table, (r // 7) % (table.num_tokens + 1))
         except OutOfBlocksError:
             pass
         held = [b for t in tables for b in t.blocks]
@@ -51,6 +55,10 @@ def run_workload(ops, num_blocks, block_size, share):
         assert manager.num_free == num_blocks - len(set(held))
         for table in tables:
             assert [memory[table.slot(p)] for p in range(table.num_tokens)] == table.tokens
+        for (prev, tokens), block in manager._by_key.items():  # a findable prefix block is some table's full block
+            assert any(t.blocks[j] == block and (t.blocks[j - 1] if j else -1) == prev
+                       and tuple(t.tokens[j * block_size:(j + 1) * block_size]) == tokens
+                       for t in tables for j in range(t.num_tokens // block_size))
     for table in tables:
         manager.free(table)
     assert manager.num_free == num_blocks and not manager._by_key and not manager._key_of
@@ -113,6 +121,29 @@ def test_appended_tokens_become_shareable_once_a_block_fills():
     m.append(a, 6)  # first block now full: (-1, (5, 6))
     b, cached = m.allocate([5, 6, 7])
     assert cached == 2 and b.blocks[0] == a.blocks[0]
+
+
+def test_truncate_frees_whole_blocks_and_unshares_a_partly_kept_one():
+    m = BlockManager(8, block_size=4)
+    a, _ = m.allocate(list(range(10)))  # blocks: [0..3] [4..7] [8, 9]
+    m.truncate(a, 10)  # no-op
+    assert m.num_free == 5
+    m.truncate(a, 6)  # third block freed; second kept but now partial: no longer a findable prefix
+    assert len(a.blocks) == 2 and a.tokens == list(range(6)) and m.num_free == 6
+    b, cached = m.allocate(list(range(8)) + [1])
+    assert cached == 4 and b.blocks[0] == a.blocks[0] and b.blocks[1] != a.blocks[1]
+    m.append(a, 60)  # a's second block is private again: written in place, no copy
+    child = m.fork(a)
+    m.truncate(child, 2)  # shared blocks only lose the child's reference
+    assert m.allocator.refcount[a.blocks[0]] == 3 and m.allocator.refcount[a.blocks[1]] == 1
+    assert m.append(child, 7) == (a.blocks[0], child.blocks[0])  # then copy-on-write protects a
+    m.truncate(child, 0)
+    assert child.blocks == [] and m.append(child, 5) is None
+    for t in (a, b, child):
+        m.free(t)
+    assert m.num_free == 8 and not m._by_key and not m._key_of
+    with pytest.raises(ValueError, match="num_tokens=3 must be an integer in \\[0, 1\\]"):
+        m.truncate(m.allocate([1])[0], 3)
 
 
 def test_exhausted_pool_and_double_free_are_reported():
