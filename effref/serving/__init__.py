@@ -7,7 +7,8 @@
 - ``scheduler``: iteration-level (continuous) batching with FCFS admission and preemption by recomputation or
   by swapping to a CPU block pool (Orca, Yu et al. 2022; vLLM).
 - ``trace``: seeded synthetic request traces (Poisson arrivals, length distributions).
-- ``engine``: ``Engine`` with ``generate``, ``stream`` and a timed ``serve``.
+- ``engine``: ``Engine`` with ``generate``, ``stream`` and a timed ``serve``; optional greedy speculative
+  decoding (``draft=``, ``gamma=``) verified in the same ragged step, rejected drafts truncated away.
 - ``bench``: the static-batching baseline with transformers' ``generate`` and KV-memory bookkeeping.
 """
 
