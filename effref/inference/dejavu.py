@@ -221,14 +221,15 @@ def importance(module: MLP | Attention, x: torch.Tensor, *rope: torch.Tensor) ->
 
 
 @torch.no_grad()
-def collect_inputs(model: Llama, ids: torch.Tensor, part: str = "mlp") -> list[tuple[torch.Tensor, ...]]:
-    """Run ids (B, T) through the model and return every block's ``part`` inputs: (x,) for "mlp", x (B, T, d);
+def collect_inputs(model: Llama, ids: torch.Tensor, parts: tuple[str, ...] = ("mlp",)
+                   ) -> dict[str, list[tuple[torch.Tensor, ...]]]:
+    """One forward of ids (B, T); for each of ``parts``, every block's inputs: (x,) for "mlp", x (B, T, d), and
     (x, cos, sin) for "attn" (x before the attention, after its norm)."""
-    if part not in PARTS:
-        raise ValueError(f"part={part!r} is not known; use one of {PARTS}")
-    inputs: list[tuple[torch.Tensor, ...]] = []
-    hooks = [getattr(b, part).register_forward_pre_hook(lambda m, args: inputs.append(args[:3]))
-             for b in model.blocks]
+    if not parts or any(part not in PARTS for part in parts):
+        raise ValueError(f"parts={parts!r}: use a non-empty tuple drawn from {PARTS}")
+    inputs: dict[str, list[tuple[torch.Tensor, ...]]] = {part: [] for part in parts}
+    hooks = [getattr(b, part).register_forward_pre_hook(lambda m, args, part=part: inputs[part].append(args[:3]))
+             for part in parts for b in model.blocks]
     try:
         model(ids)
     finally:
@@ -238,10 +239,11 @@ def collect_inputs(model: Llama, ids: torch.Tensor, part: str = "mlp") -> list[t
 
 
 @torch.no_grad()
-def fit_predictors(model: Llama, calib_ids: torch.Tensor, config: DejaVuConfig,
-                   part: str = "mlp") -> list[SparsityPredictor]:
-    """One predictor per block for its MLP neurons or attention heads (``part``), trained on calibration ids."""
-    inputs = collect_inputs(model, calib_ids, part)
+def fit_predictors(model: Llama, calib: torch.Tensor | dict[str, list[tuple[torch.Tensor, ...]]],
+                   config: DejaVuConfig, part: str = "mlp") -> list[SparsityPredictor]:
+    """One predictor per block for its MLP neurons or attention heads (``part``), trained on calibration ids
+    (B, T) or on the inputs ``collect_inputs`` gathered from them (one forward serves both parts)."""
+    inputs = (calib if isinstance(calib, dict) else collect_inputs(model, calib, (part,)))[part]
     return [train_predictor(args[0].flatten(0, 1), importance(getattr(block, part), *args).flatten(0, 1), config)
             for block, args in zip(progress_bar(model.blocks, desc=f"Deja Vu {part} predictors"), inputs)]
 

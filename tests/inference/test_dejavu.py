@@ -208,7 +208,7 @@ def test_head_predictor_recall_against_brute_force_and_sparsified_heads(tiny_lla
         dense = model(ids)
         predictors = fit_predictors(model, ids, DejaVuConfig(rank=4), part="attn")
         recalls = []
-        for block, p, (x, cos, sin) in zip(model.blocks, predictors, collect_inputs(model, held_out, "attn")):
+        for block, p, (x, cos, sin) in zip(model.blocks, predictors, collect_inputs(model, held_out, ("attn",))["attn"]):
             scores, true = p(x).flatten(0, 1), head_importance(block.attn, x, cos, sin).flatten(0, 1)
             brute = sum(len(set(s.topk(2).indices.tolist()) & set(t.topk(2).indices.tolist())) / 2
                         for s, t in zip(scores, true)) / len(true)
@@ -216,6 +216,10 @@ def test_head_predictor_recall_against_brute_force_and_sparsified_heads(tiny_lla
             recalls.append(recall(scores, true, 1))
         # chance is k / n_heads = 1/4; a random model's heads depend mostly on context, so the margin is small
         assert sum(recalls) / len(recalls) > 0.25 + 0.05  # (fixed seeds; measured 0.37)
+        shared = collect_inputs(model, ids, ("mlp", "attn"))  # one forward for both parts, same predictors
+        for part, fitted in (("attn", predictors), ("mlp", fit_predictors(model, ids, DejaVuConfig(rank=4)))):
+            for p, q in zip(fit_predictors(model, shared, DejaVuConfig(rank=4), part), fitted):
+                torch.testing.assert_close(p.B.weight, q.B.weight, rtol=0, atol=0)
         with sparsified(model, 1.0, "predictor", predictors, part="attn"):
             torch.testing.assert_close(model(ids), dense, rtol=0, atol=0)
             with pytest.raises(ValueError, match="without a KV cache"):
@@ -243,7 +247,7 @@ def test_head_predictor_recall_against_brute_force_and_sparsified_heads(tiny_lla
     (lambda: sparse_attention(_attn(), torch.randn(1, 2, 16), *_rope(_attn(), 2), torch.tensor([1, 1])), "distinct"),
     (lambda: sparse_attention(_attn(), torch.randn(1, 2, 16), *_rope(_attn(), 2), torch.tensor([4])), r"\[0, 4\)"),
     (lambda: SparseAttention(_attn(), 2, "magic"), "selector='magic'"),
-    (lambda: collect_inputs(None, None, "ffn"), "part='ffn'"),
+    (lambda: collect_inputs(None, None, ("ffn",)), "parts=\\('ffn',\\)"),
 ])
 def test_bad_input_is_reported(make, message):
     with pytest.raises(ValueError, match=message):
