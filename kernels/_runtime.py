@@ -58,6 +58,28 @@ def check_device(name: str, tensor: torch.Tensor) -> None:
                          "EFFREF_TRITON_INTERPRET=1 before importing kernels to run the interpreter on CPU")
 
 
+def check_same_device(anchor_name: str, anchor: torch.Tensor, **others: torch.Tensor) -> None:
+    """Every tensor of one launch must live where ``anchor`` does; name the first one that does not."""
+    for name, tensor in others.items():
+        if tensor.device != anchor.device:
+            raise ValueError(f"{name} is on {tensor.device} but {anchor_name} is on {anchor.device}; move it "
+                             f"with .to({anchor_name}.device)")
+
+
+def as_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` (..., n) as a (M, n) matrix with unit column stride: a view whenever the strides allow it."""
+    x2d = x.reshape(-1, n)  # (M, n)
+    return x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+
+
+def split_k_output(M: int, N: int, split_k: int, like: torch.Tensor) -> torch.Tensor:
+    """The (M, N) output of a matmul launch: fp32 zeros that split-K programs add their partial sums into
+    atomically, or (split_k = 1) an uninitialised tensor in ``like``'s dtype that each program writes once."""
+    if split_k > 1:
+        return torch.zeros((M, N), dtype=torch.float32, device=like.device)
+    return torch.empty((M, N), dtype=like.dtype, device=like.device)
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ≥ n (``tl.arange`` extents must be powers of two)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -38,7 +38,15 @@ import math
 import torch
 
 import kernels
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import (
+    Benchmark,
+    check_device,
+    check_same_device,
+    next_power_of_2,
+    require_triton,
+    tl,
+    triton,
+)
 from kernels.paged_attention import LOG2E, SUPPORTED_DTYPES, online_softmax_step, sdpa_decode
 
 MIN_TOKENS_PER_SPLIT = 256  # below this a split's loop is too short to pay for its partial write
@@ -209,9 +217,7 @@ def flash_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}; convert "
                         "q with .to(k.dtype)")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
+    check_same_device("q", q, k=k, v=v)
     if k.stride(-1) != 1 or v.stride(-1) != 1:
         raise ValueError("k and v need a contiguous last (d_head) dimension; pass .contiguous() copies")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):

@@ -40,7 +40,15 @@ import torch
 
 import kernels
 from effref.serving.paged_attention import paged_attention as paged_attention_reference
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import (
+    Benchmark,
+    check_device,
+    check_same_device,
+    next_power_of_2,
+    require_triton,
+    tl,
+    triton,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # scores are kept in base 2: e^x = 2^(x·log2 e), and exp2 is the cheaper op
@@ -176,10 +184,8 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          "rows, one per sequence of q")
     if context_lens.shape != (B,):
         raise ValueError(f"context_lens.shape={tuple(context_lens.shape)} must be (B,) = ({B},)")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
-                    ("context_lens", context_lens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; move it with .to(q.device)")
+    check_same_device("q", q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                      context_lens=context_lens)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache need a contiguous last (d_head) dimension; a cache pool is too "
                          "large to copy per call, so allocate it with torch.empty(num_blocks, block_size, "

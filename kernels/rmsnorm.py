@@ -34,7 +34,7 @@ import math
 import torch
 
 import kernels
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import Benchmark, as_rows, check_device, next_power_of_2, require_triton, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_COLS = 65536  # a whole row lives in registers; real hidden sizes are ≤ 16384
@@ -119,9 +119,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
                            "torch.no_grad() / torch.inference_mode(), or train with rmsnorm_reference")
     check_device("x", x)
 
-    x2d = x.reshape(-1, n)  # (M, n)  a view whenever the strides allow it
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()  # (M, n)  the kernel assumes unit column stride
+    x2d = as_rows(x, n)  # (M, n)  unit column stride, as the kernel assumes
     y2d = torch.empty(x2d.shape, dtype=x.dtype, device=x.device)  # (M, n)
     n_rows = x2d.shape[0]
     if n_rows == 0:

@@ -46,7 +46,17 @@ import torch
 
 import kernels
 from effref.pruning.masks import PruneConfig, nm_mask
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import (
+    Benchmark,
+    as_rows,
+    check_device,
+    check_same_device,
+    next_power_of_2,
+    require_triton,
+    split_k_output,
+    tl,
+    triton,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATHS = ("auto", "decode", "prefill")
@@ -243,21 +253,16 @@ def sparse24_matmul(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, p
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
         raise RuntimeError("sparse24_matmul has no backward pass, but an input requires grad; call it under "
                            "torch.no_grad(), or train with sparse24_reference")
-    for name, t in (("values", values), ("meta", meta)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
+    check_same_device("x", x, values=values, meta=meta)
     check_device("x", x)
 
     N = values.shape[0]
-    x2d = x.reshape(-1, K)  # (M, K)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = as_rows(x, K)  # (M, K)
     M = x2d.shape[0]
     path = ("decode" if M <= DECODE_MAX_ROWS else "prefill") if path == "auto" else path
     cfg = _config(M, N, K, path, split_k, block_k)
     split = cfg["SPLIT_K"]
-    make = torch.zeros if split > 1 else torch.empty
-    y2d = make((M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)  # (M, N)
+    y2d = split_k_output(M, N, split, x)  # (M, N)
     if M == 0 or N == 0:
         return y2d.to(x.dtype).reshape(*x.shape[:-1], N)
     values, meta = values.contiguous(), meta.contiguous()

@@ -38,7 +38,17 @@ import math
 import torch
 
 import kernels
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import (
+    Benchmark,
+    as_rows,
+    check_device,
+    check_same_device,
+    next_power_of_2,
+    require_triton,
+    split_k_output,
+    tl,
+    triton,
+)
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATHS = ("auto", "decode", "prefill")
@@ -154,20 +164,15 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     if torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError("w4a16_matmul has no backward pass, but x requires grad; call it under "
                            "torch.no_grad(), or train with w4a16_reference")
-    for name, t in (("qweight", qweight), ("scales", scales), ("zeros", zeros)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move it with .to(x.device)")
+    check_same_device("x", x, qweight=qweight, scales=scales, zeros=zeros)
     check_device("x", x)
 
-    x2d = x.reshape(-1, K)  # (M, K)
-    if x2d.stride(-1) != 1:
-        x2d = x2d.contiguous()
+    x2d = as_rows(x, K)  # (M, K)
     M = x2d.shape[0]
     path = ("decode" if M <= DECODE_MAX_ROWS else "prefill") if path == "auto" else path
     cfg = _config(M, N, K, group_size, path, split_k)
     split = cfg["SPLIT_K"]
-    y = torch.zeros if split > 1 else torch.empty
-    y2d = y((M, N), dtype=torch.float32 if split > 1 else x.dtype, device=x.device)  # (M, N)
+    y2d = split_k_output(M, N, split, x)  # (M, N)
     if M == 0:
         return y2d.to(x.dtype).reshape(*x.shape[:-1], N)
     qweight, scales, zeros = qweight.contiguous(), scales.contiguous(), zeros.contiguous()

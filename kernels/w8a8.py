@@ -29,7 +29,15 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels._runtime import Benchmark, check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import (
+    Benchmark,
+    check_device,
+    check_same_device,
+    next_power_of_2,
+    require_triton,
+    tl,
+    triton,
+)
 
 OUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_K = 2 ** 31 // 128 ** 2 - 1  # largest K whose int32 sum of int8 products cannot overflow
@@ -99,9 +107,7 @@ def w8a8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_s
             raise ValueError(f"{name} must be a float32 vector of length {n}, got {t.dtype} {tuple(t.shape)}")
     if out_dtype not in OUT_DTYPES:
         raise TypeError(f"out_dtype={out_dtype} is not supported; use one of {OUT_DTYPES}")
-    for name, t in (("w_q", w_q), ("x_scale", x_scale), ("w_scale", w_scale)):
-        if t.device != x_q.device:
-            raise ValueError(f"{name} is on {t.device} but x_q is on {x_q.device}; move it with .to()")
+    check_same_device("x_q", x_q, w_q=w_q, x_scale=x_scale, w_scale=w_scale)
     check_device("x_q", x_q)
 
     x_q = x_q if x_q.stride(-1) == 1 else x_q.contiguous()
