@@ -10,11 +10,8 @@ from effref.models.llama import Llama, LlamaConfig
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _decode_on_one_thread(one_thread):
+    """Every inference test decodes tiny models step by step: one thread (tests/conftest.py)."""
 
 
 def _tiny_llama(seed: int = 0, n_layers: int = 3, vocab: int = 64, scale: float = 20.0, **overrides) -> Llama:

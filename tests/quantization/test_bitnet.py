@@ -18,14 +18,7 @@ from effref.quantization.bitnet import (
     train_language_model,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training a tiny model: a second thread costs more than it saves (far more on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training a tiny model (tests/conftest.py)
 
 
 def definition(x: torch.Tensor, w: torch.Tensor, bits: int = 8, per_token: bool = False) -> torch.Tensor:

@@ -24,14 +24,7 @@ from effref.quantization.qat import (
     student_logits,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Training a tiny model: a second thread costs more than it saves (far more on a shared CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # training a tiny model (tests/conftest.py)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
