@@ -14,8 +14,10 @@ yields (1 − α^(γ+1)) / (1 − α) tokens on average (Leviathan Eq. 1); with 
 wall-clock gain is that divided by (γc + 1) (Theorem 3.8).
 Glossary: p target distribution · q draft distribution · γ ``gamma`` · α acceptance rate · β = Σ min(p, q) one
           position's overlap · n accepted drafts · c ``cost_ratio`` · T ``temperature``.
-Left out: top-k / top-p (apply the same filter to p and q), batches (each sequence accepts a different n),
-          and choosing γ from the cost model (the chapter sweeps it).
+Top-k: ``token_probs`` applies the same filter to p and q, so the rule then reproduces the top-k-filtered
+target (the serving engine's speculative sampling uses this). Left out: top-p, batches here (each sequence
+accepts a different n; effref.serving.Engine verifies a batch in one ragged pass), and choosing γ from the
+cost model (the chapter sweeps it).
 """
 
 from __future__ import annotations
@@ -43,11 +45,18 @@ class SpeculativeConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
 
 
-def token_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Next-token distribution(s) (..., V) in float32: softmax(logits / T), or one-hot argmax when T == 0."""
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+    """Next-token distribution(s) (..., V) in float32: softmax(logits / T), or one-hot argmax when T == 0.
+
+    ``top_k`` keeps the k largest logits of each row (ties with the k-th included) and renormalises.
+    """
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    return (logits.float() / temperature).softmax(-1)
+    logits = logits.float() / temperature  # (..., V)
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1) k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits.softmax(-1)
 
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
@@ -92,12 +101,13 @@ class SpeculativeState:
 
 
 def draft_tokens(draft: Llama, tokens: list[int], cache: KVCache, n: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, min_confidence: float = 0.0
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0, top_k: int | None = None,
                  ) -> tuple[list[int], torch.Tensor, int]:
     """Draft up to ``n`` tokens after ``tokens`` (the cache holds a prefix of them; the rest are fed first).
 
     Stops early when the draft's top probability falls below ``min_confidence`` (BiLD's fallback). Returns the
-    drafts, their distributions q (n', V) and the number of draft forward calls.
+    drafts, their distributions q (n', V) on the CPU and the number of draft forward calls. Sampling draws on
+    the CPU, so ``generator`` is a CPU generator.
     """
     drafted, rows, calls = [], [], 0
     feed = tokens[cache.length:]
@@ -106,10 +116,10 @@ def draft_tokens(draft: Llama, tokens: list[int], cache: KVCache, n: int, temper
         calls += 1
         if min_confidence > 0 and float(logits.float().softmax(-1).max()) < min_confidence:
             break
-        q = token_probs(logits, temperature)  # (V,)
-        x = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q.cpu(), 1, generator=generator))
+        q = token_probs(logits, temperature, top_k).cpu()  # (V,)
+        x = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
         drafted.append(x)
-        rows.append(q.cpu())
+        rows.append(q)
         feed = [x]
     return drafted, torch.stack(rows) if rows else torch.zeros(0, 0), calls
 

@@ -5,26 +5,28 @@ arXiv:2309.06180 (vLLM) — §4; Yu, Jeong, Kim, Kim, Chun (2022), "Orca: A Dist
 Transformer-Based Generative Models", OSDI '22 — §4.
 Implements: the loop  schedule → copy swapped blocks out to / in from CPU memory and apply copy-on-write
 copies → one ragged forward over every scheduled sequence's new tokens (``paged_forward``) → pick each
-sequence's next token → commit (finished sequences free their blocks at once). Preemption is by
-recomputation (default) or by swapping (``preemption="swap"``, ``num_cpu_blocks``). ``generate`` returns each request's new tokens, ``stream`` yields
-(request index, token) as soon as a token exists, ``serve`` replays a timed trace on a clock that advances
-by the measured wall time of each step (and jumps over idle gaps instead of sleeping) and records
-each request's first-token and finish times. Greedy decoding, or sampling (temperature, top-k) from a
-per-request random stream seeded by ``seed + request index``, so a request's output does not depend on which
-others share its batch. ``n_samples`` > 1 forks a request after its prompt is processed: the samples share
-the prompt's blocks and copy the last, partly filled block on their first write (copy-on-write).
-Greedy speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; ``draft=``, ``gamma=``): in a step,
-every decoding sequence first gets up to γ tokens from the draft model (run one sequence at a time on its own
-dense ``KVCache``, never more than its remaining tokens − 1, and only as far as free blocks allow); their slots
-are reserved in its block table, and one ragged ``paged_forward`` verifies all sequences' γ+1 positions at
-once (prefills share that call). A sequence keeps the longest prefix of drafts equal to the target's argmax
-plus the target's next token; ``commit`` caps them at ``max_new_tokens`` / EOS and truncates the block table
-past the kept tokens, returning whole unneeded blocks to the pool. Output is token-for-token that of greedy
-decoding. ``speculation_stats`` reports target steps and accepted drafts per verification.
-Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma``.
-Left out: speculative *sampling* in the engine (greedy only; effref.inference.speculative has the sampling
-          rule for one sequence), a batched or paged draft (each draft runs alone on a dense cache), choosing
-          γ per sequence from its acceptance rate, stop strings, logprobs.
+sequence's next token → commit (finished sequences free their blocks at once). Preemption is by recomputation
+(default) or by swapping (``preemption="swap"``, ``num_cpu_blocks``). ``generate`` returns each request's new
+tokens, ``stream`` yields (request index, token) as soon as a token exists, ``serve`` replays a timed trace on a
+clock that advances by the measured wall time of each step (jumping over idle gaps) and records each request's
+first-token and finish times. Greedy decoding, or sampling (temperature, top-k) from a per-request random
+stream seeded by ``seed + request index``, so a request's output does not depend on which others share its
+batch. ``n_samples`` > 1 forks a request after its prompt: the samples share the prompt's blocks and copy the
+last, partly filled block on their first write (copy-on-write).
+Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318;
+``draft=``, ``gamma=``): each decoding sequence first gets up to γ draft tokens (the draft runs one sequence at
+a time on its own dense ``KVCache``; never more than its remaining tokens − 1, nor than free blocks allow),
+their slots are reserved in its block table, and one ragged ``paged_forward`` verifies every sequence's γ+1
+positions at once. Each sequence then applies the speculative-sampling rule (``speculative_verify``: accept
+draft i with probability min(1, p_i(x_i)/q_i(x_i)), resample the first rejected one from norm(max(0, p − q)),
+add a bonus token from p_γ+1 when all pass). At temperature 0, p and q are one-hot and the output is
+token-for-token greedy decoding; at temperature T (top-k filtered alike in p and q) each token is distributed
+as when sampling the target alone. ``commit`` caps the tokens at ``max_new_tokens`` / EOS and truncates the
+block table past them, returning whole unneeded blocks. ``speculation_stats`` counts accepted drafts.
+Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma`` · p, q
+          target and draft next-token distributions at the drafted positions.
+Left out: a batched or paged draft (each draft runs alone on a dense cache), choosing γ per sequence from its
+          acceptance rate, top-p, stop strings, logprobs.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from collections.abc import Sequence as Seq
 
 import torch
 
-from effref.inference.speculative import SpeculativeConfig, check_pair, draft_tokens
+from effref.inference import speculative as spec
 from effref.models.llama import KVCache, Llama
 from effref.serving.blocks import BlockManager
 from effref.serving.paged_cache import PagedKVCache, RaggedBatch, paged_forward
@@ -55,8 +57,8 @@ class Engine:
             if not isinstance(draft, Llama):
                 raise TypeError(f"draft must be an effref.models.llama.Llama, got {type(draft).__name__}; "
                                 "e.g. effref.inference.drafts.layer_skip_draft(model, 2)")
-            check_pair(model, draft)  # same vocabulary
-            SpeculativeConfig(gamma=gamma, temperature=0.0)  # validates gamma
+            spec.check_pair(model, draft)  # same vocabulary
+            spec.SpeculativeConfig(gamma=gamma, temperature=0.0)  # validates gamma
         self.draft, self.gamma = (None if draft is None else draft.eval()), gamma
         self._draft_caches: dict[int, KVCache] = {}  # request id -> its draft's cache (a prefix of its tokens)
         self.accepted: list[int] = []  # drafts accepted at each verification (one per sequence and step)
@@ -76,7 +78,7 @@ class Engine:
         prompt = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if n_samples < 1:
             raise ValueError(f"n_samples={n_samples} must be >= 1")
-        gen = None if seed is None else torch.Generator(device=self.cache.k.device).manual_seed(seed)
+        gen = None if seed is None else torch.Generator().manual_seed(seed)  # sampling draws on the CPU
         seq = Sequence(self._next_id, prompt, max_new_tokens, arrival, eos_id, gen)
         self.scheduler.add(seq)  # validates the lengths against the cache and the model
         self._next_id += 1
@@ -87,17 +89,15 @@ class Engine:
     def _pick(self, logits: torch.Tensor, seq: Sequence) -> int:
         if self.temperature == 0:
             return int(logits.argmax())
-        logits = logits.float() / self.temperature  # (vocab,)
-        if self.top_k is not None:
-            kth = logits.topk(min(self.top_k, len(logits))).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return int(torch.multinomial(logits.softmax(-1), 1, generator=seq.generator))
+        probs = spec.token_probs(logits, self.temperature, self.top_k).cpu()  # (vocab,)
+        return int(torch.multinomial(probs, 1, generator=seq.generator))
 
-    def _fork(self, step: Step, logits: list[torch.Tensor], drafts: list[list[int]]) -> list[torch.Tensor]:
+    def _fork(self, step: Step, logits: list[torch.Tensor], drafts: list[list[int]],
+              draft_probs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Parallel sampling: a request that just processed its prompt gets children sharing its blocks."""
         for i, seq in enumerate(list(step.seqs)):
             for k in range(self._forks.pop(seq.request_id, 0) if not seq.output else 0):
-                gen = None if seq.generator is None else torch.Generator(seq.generator.device).manual_seed(
+                gen = None if seq.generator is None else torch.Generator().manual_seed(
                     seq.generator.initial_seed() + 1000 * (k + 1))
                 child = Sequence(self._next_id, seq.prompt, seq.max_new_tokens, seq.arrival, seq.eos_id, gen,
                                  table=self.manager.fork(seq.table), status="running")
@@ -106,22 +106,27 @@ class Engine:
                 step.starts.append(step.starts[i])
                 logits.append(logits[i])
                 drafts.append([])
+                draft_probs.append(torch.zeros(0))
                 self.scheduler.running.append(child)
         return logits
 
-    def _propose(self, step: Step) -> list[list[int]]:
-        """Draft tokens for every decoding sequence of the step, their slots reserved in its block table."""
+    def _propose(self, step: Step) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """Draft tokens for every decoding sequence of the step, their slots reserved in its block table, and
+        the draft distributions q (n_drafts, vocab) they were drawn from."""
         drafts: list[list[int]] = []
+        draft_probs: list[torch.Tensor] = []
         for seq, start in zip(step.seqs, step.starts):
             n = min(self.gamma, seq.max_new_tokens - len(seq.output) - 1)  # never more than can be emitted
             if self.draft is None or not seq.output or start != len(seq.tokens) - 1 or n < 1:
                 drafts.append([])  # a prefill or a recomputation: verified next step
+                draft_probs.append(torch.zeros(0))
                 continue
             cache = self._draft_caches.get(seq.request_id)
             if cache is None:
                 cache = self._draft_caches[seq.request_id] = self.draft.new_cache(
                     1, len(seq.prompt) + seq.max_new_tokens)
-            proposed, _, _ = draft_tokens(self.draft, seq.tokens, cache, n)  # greedy
+            proposed, q, _ = spec.draft_tokens(self.draft, seq.tokens, cache, n, self.temperature, seq.generator,
+                                          top_k=self.top_k)  # q (n, vocab)
             kept = []
             for token in proposed:
                 if not self.manager.can_append(seq.table):  # no free block: verify fewer drafts
@@ -131,20 +136,20 @@ class Engine:
                     step.copies.append(copy)
                 kept.append(token)
             drafts.append(kept)
-        return drafts
+            draft_probs.append(q[:len(kept)])
+        return drafts, draft_probs
 
-    def _verify(self, step: Step, rows: list[torch.Tensor], drafts: list[list[int]]) -> list[list[int]]:
-        """Each sequence's new tokens: the drafts matching the target's argmax, then the target's own token."""
+    def _verify(self, step: Step, rows: list[torch.Tensor], drafts: list[list[int]],
+                draft_probs: list[torch.Tensor]) -> list[list[int]]:
+        """Each sequence's new tokens: its accepted drafts, then one token from the target (or the residual)."""
         new = []
-        for seq, logits, drafted in zip(step.seqs, rows, drafts):  # logits (len(drafted) + 1, vocab)
+        for seq, logits, drafted, q in zip(step.seqs, rows, drafts, draft_probs):  # logits (len(drafted)+1, V)
             if not drafted:
                 new.append([self._pick(logits[-1], seq)])
                 continue
-            target = logits.argmax(-1).tolist()  # the target's greedy token after each prefix
-            n = 0
-            while n < len(drafted) and drafted[n] == target[n]:
-                n += 1
-            new.append(drafted[:n] + [target[n]])
+            p = spec.token_probs(logits, self.temperature, self.top_k)  # (len(drafted) + 1, vocab)
+            n, token = spec.speculative_verify(p, q, torch.tensor(drafted), seq.generator)
+            new.append(drafted[:n] + [token])
             self.accepted.append(n)
             self.drafted.append(len(drafted))
         return new
@@ -158,16 +163,16 @@ class Engine:
             raise RuntimeError("the scheduler found nothing to run although requests are waiting; "
                                "this engine's block pool is too small for the next request")
         self.cache.swap(step.swap_out, step.swap_in)  # before anything writes into freed blocks
-        drafts = self._propose(step)
+        drafts, draft_probs = self._propose(step)
         self.cache.copy_blocks(step.copies)
         batch = RaggedBatch.build([s.table for s in step.seqs], step.starts, self.cache.k.device)
         counts = [len(d) + 1 for d in drafts]  # logit rows per sequence: its last new token and its drafts
         ends = batch.last + 1  # (S,) one past each sequence's last new token
         wanted = torch.cat([torch.arange(int(e) - c, int(e)) for e, c in zip(ends, counts)]).to(ends.device)
         logits = paged_forward(self.model, self.cache, batch, wanted)  # (Σ counts, vocab)
-        rows = self._fork(step, list(logits.split(counts)), drafts)
+        rows = self._fork(step, list(logits.split(counts)), drafts, draft_probs)
         before = [len(seq.output) for seq in step.seqs]
-        self.scheduler.commit(step, self._verify(step, rows, drafts))
+        self.scheduler.commit(step, self._verify(step, rows, drafts, draft_probs))
         self.steps += 1
         for seq in step.seqs:
             if seq.status == "finished":
@@ -192,9 +197,6 @@ class Engine:
         (forked samples get the ids after them)."""
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"temperature={temperature}, top_k={top_k}: need temperature >= 0, top_k >= 1")
-        if temperature > 0 and self.draft is not None:
-            raise ValueError(f"temperature={temperature} with a draft model: the engine's speculative decoding "
-                             "is greedy only; use temperature=0, or an Engine without draft to sample")
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
         lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)

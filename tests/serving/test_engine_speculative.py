@@ -1,10 +1,12 @@
-"""Greedy speculative decoding inside the engine: output identical to plain greedy decoding, exact lengths,
-rejected drafts rolled back out of the block tables, and clear errors."""
+"""Speculative decoding inside the engine: greedy output identical to plain greedy decoding, sampled output
+distributed as the target's own samples (chi-square against exact marginals), exact lengths, rejected drafts
+rolled back out of the block tables, and clear errors."""
 
 import copy
 
 import pytest
 import torch
+from scipy.stats import chisquare
 
 from effref.inference.drafts import layer_skip_draft
 from effref.models import load_model
@@ -131,9 +133,85 @@ def test_serve_and_stream_with_a_draft(model, drafts, requests):
                                                   n_kv_heads=2, d_ff=128))),
      ValueError, "draft vocab_size=128 differs from target vocab_size=256"),
     (lambda m: Engine(m, draft=torch.nn.Linear(2, 2)), TypeError, "layer_skip_draft"),
-    (lambda m: Engine(m, draft=m).generate([[1, 2]], 3, temperature=0.7), ValueError,
-     "temperature=0.7 with a draft model.*greedy only"),
+    (lambda m: Engine(m, draft=m).generate([[1, 2]], 3, temperature=0.7, top_k=0), ValueError, "top_k=0"),
 ])
 def test_bad_speculative_arguments_are_reported(model, call, error, message):
     with pytest.raises(error, match=message):
         call(model)
+
+
+# --- speculative sampling: the emitted tokens follow the target's law --------------------------------------------
+
+def small_vocab_model(seed: int) -> Llama:
+    """A random 8-token model whose output layer is scaled up, so its next-token laws are far from uniform."""
+    torch.manual_seed(seed)
+    m = Llama(LlamaConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, d_ff=64,
+                          max_seq_len=64)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.mul_(8)
+    return m
+
+
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
+    """softmax(logits / T) with all but the k most likely tokens zeroed, row by row: written out for the test."""
+    probs = (logits.double() / temperature).softmax(-1)  # (..., V)
+    if top_k is not None:
+        ranks = probs.argsort(-1, descending=True).argsort(-1)  # (..., V) 0 for the most likely token
+        probs = torch.where(ranks < top_k, probs, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@torch.no_grad()
+def exact_marginals(model: Llama, prompt: list[int], n_new: int, temperature: float, top_k: int | None
+                    ) -> list[torch.Tensor]:
+    """P(x_t = v) for t = 1..n_new when sampling ``model`` alone: enumerate every prefix (V^(t−1) of them)."""
+    V = model.cfg.vocab_size
+    prefixes, weight, marginals = torch.tensor([prompt]), torch.ones(1, dtype=torch.float64), []
+    for _ in range(n_new):
+        probs = filtered_probs(model(prefixes)[:, -1], temperature, top_k)  # (prefixes, V)
+        joint = weight[:, None] * probs  # (prefixes, V) P(prefix, next token)
+        marginals.append(joint.sum(0))
+        prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(prefixes))[:, None]], 1)
+        weight = joint.flatten()
+    return marginals
+
+
+def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
+    """Goodness of fit of ``tokens`` to ``probs``; 0 when a token of probability 0 (filtered by top-k) appears."""
+    support = probs > 0
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(probs)).double()
+    if counts[~support].sum() > 0:
+        return 0.0
+    expected = probs[support] * len(tokens)
+    assert expected.min() >= 5, "too few samples for the chi-square approximation"
+    return chisquare(counts[support].numpy(), expected.numpy()).pvalue
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_speculative_sampling_in_the_engine_follows_the_target_distribution(top_k):
+    target, draft = small_vocab_model(0), small_vocab_model(1)
+    prompt, n_new, n_requests, temperature = [1, 2, 3], 4, 1500, 1.0
+    engine = Engine(target, num_blocks=256, block_size=4, max_batch=64, draft=draft, gamma=3)
+    out = engine.generate([prompt] * n_requests, n_new, temperature=temperature, top_k=top_k, seed=0)
+    exact = exact_marginals(target, prompt, n_new, temperature, top_k)
+    for t in range(1, n_new):  # position 0 comes from the prefill's plain sample; the rest from verification
+        assert chi_square_p([o[t] for o in out], exact[t]) > 1e-3, f"position {t}"
+    wrong = exact_marginals(draft, prompt, n_new, temperature, top_k)[1]
+    assert chi_square_p([o[1] for o in exact_samples(wrong, n_requests)], exact[1]) < 1e-3  # the test has power
+    stats = engine.speculation_stats()
+    assert 0.2 < stats["acceptance_rate"] < 0.95, stats  # drafts are both accepted and rejected: both paths run
+    assert engine.manager.num_free == 256
+
+
+def exact_samples(probs: torch.Tensor, n: int) -> list[list[int]]:
+    """n draws from ``probs`` shaped like engine output rows (only position 1 is filled)."""
+    draws = torch.multinomial(probs.float(), n, replacement=True, generator=torch.Generator().manual_seed(0))
+    return [[0, int(x)] for x in draws]
+
+
+def test_a_perfect_draft_is_always_accepted_when_sampling():
+    target = small_vocab_model(0)
+    engine = Engine(target, num_blocks=64, block_size=4, draft=target, gamma=3)
+    out = engine.generate([[1, 2, 3]] * 8, 9, temperature=0.8, seed=0)
+    assert engine.speculation_stats()["acceptance_rate"] == 1.0 and all(len(o) == 9 for o in out)
