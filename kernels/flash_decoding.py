@@ -18,7 +18,8 @@ which is exact, not an approximation (computed with the max subtracted first: m 
 
 Layout: the contiguous cache of effref.models.llama.KVCache, k and v (B, H_kv, T, d), one decode query
 q (B, H, d); query head h reads KV head h // (H / H_kv), and one program serves a KV head's whole query
-group, as in kernels/paged_attention.py, whose ``online_softmax_step`` it shares.
+group. The tile update, the end of a split (``finish_split``), the combine kernel and the split heuristic live
+in kernels/_attention.py, shared with kernels/paged_attention.py, which splits a paged cache the same way.
 
 Memory traffic: the split kernel reads the cache once (2·B·H_kv·T·d elements) and writes S·(d + 1) fp32
 numbers per query head; the combine kernel reads those back and writes B·H·d outputs. With S ≪ T the extra
@@ -26,31 +27,33 @@ traffic is a rounding error, and the roofline is the time to read the cache once
 
 Glossary: T cached tokens · S ``num_splits`` · chunk = tokens per split (a multiple of BLOCK_N) · o_s, λ_s
           partial output and log-sum-exp of split s · G = H / H_kv · BLOCK_N tokens per loop step.
-Left out: a causal/length mask for ragged batches (every sequence here attends to all T tokens), the paged
-layout (vLLM's v2 kernel combines both ideas), and the FlashDecoding++ asynchronous-max variant.
+Left out: a causal/length mask for ragged batches (every sequence here attends to all T tokens; the paged
+kernel has per-sequence lengths), and the FlashDecoding++ asynchronous-max variant.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 import kernels
-from kernels._runtime import (
-    Benchmark,
-    check_device,
-    check_same_device,
-    next_power_of_2,
-    require_triton,
-    tl,
-    triton,
+from kernels._attention import (  # shared with kernels/paged_attention.py; re-exported here
+    LOG2E,
+    MAX_SPLITS,  # noqa: F401
+    MIN_TOKENS_PER_SPLIT,  # noqa: F401
+    SUPPORTED_DTYPES,
+    _combine_kernel,  # noqa: F401
+    check_splits_and_step,
+    combine_splits,
+    decode_launch_config,
+    default_num_splits,
+    finish_split,
+    online_softmax_step,
+    sdpa_decode,
+    tokens_per_split,
 )
-from kernels.paged_attention import LOG2E, SUPPORTED_DTYPES, online_softmax_step, sdpa_decode
-
-MIN_TOKENS_PER_SPLIT = 256  # below this a split's loop is too short to pay for its partial write
-MAX_SPLITS = 128
+from kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
 
 
 @triton.jit
@@ -95,90 +98,11 @@ def _split_kv_kernel(
             k, v = k.to(tl.float32), v.to(tl.float32)
         m_i, l_i, acc = online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
 
-    nonempty = l_i > 0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]  # (BLOCK_G, BLOCK_D) o_s, zeros for an empty split
-    ln_l = tl.log(tl.where(nonempty, l_i, 1.0))
-    lse = tl.where(nonempty, m_i * 0.6931471805599453 + ln_l, float("-inf"))  # λ_s = m·ln 2 + ln ℓ (natural log)
+    o, lse = finish_split(m_i, l_i, acc)  # (BLOCK_G, BLOCK_D) o_s, (BLOCK_G,) λ_s; zeros and −inf when empty
     # MEMORY-TRAFFIC: writes G·(d + 1) fp32 numbers per split.
     tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + split * stride_os + dims[None, :], o,
              mask=head_ok[:, None] & dim_ok[None, :])
     tl.store(lse_ptr + b64 * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
-
-
-@triton.jit
-def _combine_kernel(
-    o_part_ptr, lse_part_ptr, out_ptr, lse_ptr,  # o_part (R, S, d), lse_part (R, S) fp32; out (R, d); lse (R,)
-    n_splits, d_head, stride_pr, stride_ps, stride_lr, stride_or,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)  # one (sequence, query head)
-    s = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
-    s_ok, dim_ok = s < n_splits, dims < d_head
-    # MEMORY-TRAFFIC: reads S log-sum-exps and S·d partial outputs (fp32) of this row.
-    lse_s = tl.load(lse_part_ptr + row * stride_lr + s, mask=s_ok, other=float("-inf"))  # (BLOCK_S,) λ_s
-    o_s = tl.load(o_part_ptr + row * stride_pr + s[:, None] * stride_ps + dims[None, :],
-                  mask=s_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK_S, BLOCK_D)
-    m = tl.max(lse_s, axis=0)  # finite: at least one split holds tokens
-    w = tl.exp(lse_s - m)  # (BLOCK_S,) e^{λ_s − m}; 0 for empty and padding splits
-    total = tl.sum(w, axis=0)
-    out = tl.sum(w[:, None] * o_s, axis=0) / total  # (BLOCK_D,) o = Σ_s e^{λ_s − λ} o_s
-    # MEMORY-TRAFFIC: writes d outputs in the output dtype and one fp32 λ.
-    tl.store(out_ptr + row * stride_or + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)
-    tl.store(lse_ptr + row, m + tl.log(total))  # λ = m + log Σ_s e^{λ_s − m}
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device | None = None,
-                       sm_count: int | None = None) -> int:
-    """Enough programs to fill the GPU (≈ 2 per SM), but no split shorter than MIN_TOKENS_PER_SPLIT tokens.
-
-    The SM count comes from ``device`` (a CUDA device), or ``sm_count`` to ask about another GPU; on CPU it is 4.
-    """
-    if sm_count is not None:
-        sms = sm_count
-    elif device is not None and device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        sms = 4  # the interpreter: a few programs are cheapest; the heuristic's shape stays the same
-    want = math.ceil(2 * sms / max(1, batch * n_kv_heads))  # splits needed to fill the machine
-    most = max(1, seq_len // MIN_TOKENS_PER_SPLIT)  # splits the sequence can feed
-    return max(1, min(want, most, MAX_SPLITS))
-
-
-def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torch.dtype | None = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge S partial attention results: o_part (..., S, d), lse_part (..., S) → (o (..., d), λ (...)).
-
-    ``o = Σ_s exp(λ_s − λ) o_s`` with ``λ = logsumexp_s λ_s``, in a Triton kernel, one program per row.
-    Splits with λ_s = −inf (no tokens) get weight 0; every row needs at least one finite λ_s.
-    """
-    require_triton("flash_decoding")
-    if not isinstance(o_part, torch.Tensor) or not isinstance(lse_part, torch.Tensor):
-        raise TypeError("o_part and lse_part must be torch.Tensor")
-    if o_part.dim() < 2 or tuple(lse_part.shape) != tuple(o_part.shape[:-1]):
-        raise ValueError(f"o_part.shape={tuple(o_part.shape)} and lse_part.shape={tuple(lse_part.shape)} must "
-                         "be (..., S, d) and (..., S)")
-    if o_part.dtype != torch.float32 or lse_part.dtype != torch.float32:
-        raise TypeError(f"o_part and lse_part must be float32 (the split kernel's accumulators), got "
-                        f"{o_part.dtype} and {lse_part.dtype}; convert with .float()")
-    if lse_part.device != o_part.device:
-        raise ValueError(f"lse_part is on {lse_part.device} but o_part is on {o_part.device}")
-    check_device("o_part", o_part)
-    *lead, S, d = o_part.shape
-    rows = math.prod(lead)
-    o2 = o_part.reshape(rows, S, d).contiguous()  # (R, S, d)
-    l2 = lse_part.reshape(rows, S).contiguous()  # (R, S)
-    out = torch.empty((rows, d), dtype=out_dtype or torch.float32, device=o_part.device)  # (R, d)
-    lse = torch.empty((rows,), dtype=torch.float32, device=o_part.device)  # (R,)
-    if rows and S and d:
-        _combine_kernel[(rows,)](o2, l2, out, lse, S, d, o2.stride(0), o2.stride(1), l2.stride(0), out.stride(0),
-                                 BLOCK_S=next_power_of_2(S), BLOCK_D=next_power_of_2(d), num_warps=4)
-    return out.reshape(*lead, d), lse.reshape(lead)
 
 
 def flash_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -222,13 +146,7 @@ def flash_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         raise ValueError("k and v need a contiguous last (d_head) dimension; pass .contiguous() copies")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale={scale!r} must be a positive finite number, or None for 1/sqrt(d_head)")
-    if num_splits is not None and (isinstance(num_splits, bool) or not isinstance(num_splits, int)
-                                   or not 1 <= num_splits <= 4096):
-        raise ValueError(f"num_splits={num_splits!r} must be an integer in [1, 4096], or None for "
-                         "default_num_splits")
-    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1
-                                or block_n & (block_n - 1) or (not kernels.INTERPRETED and block_n < 16)):
-        raise ValueError(f"block_n={block_n!r} must be a power of two (≥ 16 on a GPU), or None for the default")
+    check_splits_and_step(num_splits, block_n)
     if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError("flash_decoding has no backward pass, but q requires grad; call it under "
                            "torch.no_grad(), or use flash_decoding_reference")
@@ -237,15 +155,8 @@ def flash_decoding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     q = q if q.stride(-1) == 1 else q.contiguous()
     S = default_num_splits(B, H_kv, T, q.device) if num_splits is None else num_splits
     group = H // H_kv
-    if kernels.INTERPRETED:
-        cfg = {"BLOCK_G": next_power_of_2(group), "BLOCK_D": next_power_of_2(d),
-               "BLOCK_N": min(1024, max(16, next_power_of_2(math.ceil(T / S)))), "num_warps": 4}
-    else:  # untuned defaults; tl.dot wants every dimension ≥ 16
-        cfg = {"BLOCK_G": max(16, next_power_of_2(group)), "BLOCK_D": max(16, next_power_of_2(d)),
-               "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    chunk = math.ceil(math.ceil(T / S) / cfg["BLOCK_N"]) * cfg["BLOCK_N"]  # tokens per split, whole steps
+    cfg = decode_launch_config(group, d, math.ceil(T / S), block_n)
+    chunk = tokens_per_split(T, S, cfg["BLOCK_N"])  # tokens per split, whole loop steps
     o_part = torch.empty((B, H, S, d), dtype=torch.float32, device=q.device)  # (B, H, S, d) o_s
     lse_part = torch.empty((B, H, S), dtype=torch.float32, device=q.device)  # (B, H, S) λ_s
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E

@@ -1,8 +1,11 @@
-"""PagedAttention decode as one Triton kernel: attend to a sequence's KV blocks where they lie.
+"""PagedAttention decode in Triton: attend to a sequence's KV blocks where they lie, split across programs.
 
 Paper: Kwon, Li, Zhuang, Sheng, Zheng, Yu, Gonzalez, Zhang, Stoica (2023), "Efficient Memory Management for
-Large Language Model Serving with PagedAttention", arXiv:2309.06180 — §4.1, Eq. 4. The online softmax is
-the one of FlashAttention (Dao et al., 2022, arXiv:2205.14135, Algorithm 1).
+Large Language Model Serving with PagedAttention", arXiv:2309.06180 — §4.1, Eq. 4. The paper describes the
+block-wise attention of vLLM's first kernel ("V1": one program walks a whole sequence). The sequence split is
+not in the paper: it is vLLM's "V2" kernel from its code base, which cuts long contexts into partitions and
+merges them with Flash-Decoding's log-sum-exp reduction (Dao, Haziza, Massa, Sizov 2023, PyTorch blog). The
+online softmax is FlashAttention's (Dao et al., 2022, arXiv:2205.14135, Algorithm 1).
 
 A serving engine keeps each layer's KV cache as a pool of fixed-size blocks and gives every sequence a
 block table: its j-th cached token sits in block ``block_tables[i, j // block_size]`` at slot
@@ -14,22 +17,33 @@ and keeps the softmax running in registers:
     s_j = q·k_j / √d,   m' = max(m, max_j s_j),   ℓ' = ℓ·e^{m − m'} + Σ_j e^{s_j − m'},
     acc' = acc·e^{m − m'} + Σ_j e^{s_j − m'} v_j,   o = acc / ℓ   after the last tile.
 
-One program serves one (sequence, key/value head) pair and all G = n_heads / n_kv_heads query heads that
-share it (grouped-query attention), so each key is loaded once for the whole group, not G times. A loop
-step covers BLOCK_N consecutive token positions; each position finds its physical block through the table,
-so a step may straddle several cache blocks and the cache block size need not be a power of two.
+One program serves one (sequence, key/value head, split) and all G = n_heads / n_kv_heads query heads that
+share the KV head (grouped-query attention), so each key is loaded once for the whole group, not G times. A
+loop step covers BLOCK_N consecutive token positions; each position finds its physical block through the
+table, so a step may straddle several cache blocks and the cache block size need not be a power of two.
+
+The split. With one split per sequence, the grid is B·H_kv programs: 64 for 8 sequences of a Llama-3-8B
+layer (8 KV heads), on a GPU with 132 SMs. The third grid axis cuts positions [0, capacity) into S chunks
+(capacity = max_blocks · block_size, the longest context the tables can describe, known on the host without
+reading the lengths back from the GPU); split s attends to tokens [s·chunk, min((s+1)·chunk, L_i)) and
+returns o_s and λ_s = log Σ_{j∈s} e^{x_j}. A sequence shorter than a split's start gets an empty split
+(λ_s = −∞), which the combine weighs 0: o = Σ_s e^{λ_s − λ} o_s, λ = log Σ_s e^{λ_s}, exact. With S = 1 the
+program writes o itself: no partial buffers and no combine launch, the unsplit kernel's cost.
 
 Why it is memory-bound. Decoding scores one query against L cached tokens: 4·L·d FLOPs per query head
 against 2·L·d cached values read per KV head, i.e. about 2·G/elt_bytes FLOPs per byte — far below any
-GPU's ridge point. The roofline is the time to read the cache once: ``paged_attention_bytes`` below.
+GPU's ridge point. The roofline is the time to read the cache once: ``paged_attention_bytes`` below. A
+split adds S·(d + 1) fp32 partials per query head (written once, read once by the combine), small next to
+the L·d cache values each KV head reads when chunks hold hundreds of tokens.
 
 Glossary: q (B, H, d) one decode query per sequence · K, V blocks (num_blocks, block_size, H_kv, d)
           · block_tables (B, max_blocks) · context_lens (B,) = L_i · G = H / H_kv query heads per KV head
+          · S ``num_splits`` · chunk tokens per split · o_s, λ_s partial output and log-sum-exp of split s
           · m running max, ℓ running sum, acc running Σ p·v (all per query head, fp32)
           · BLOCK_N tokens per loop step · BLOCK_G = G padded to a power of two (≥ 16 for GPU tl.dot).
-Left out: vLLM's v2 kernel, which also splits a long sequence across programs (see kernels/flash_decoding.py
-for that idea on a contiguous cache); ALiBi, sliding windows, quantized (fp8/int8) blocks; prefill with
-more than one query token per sequence.
+Left out: vLLM's fixed 512-token partitions sized from the longest context (which its scheduler knows on the
+host; ours are sized from the table width so that no length is read back); ALiBi, sliding windows, quantized
+(fp8/int8) blocks; prefill with more than one query token per sequence.
 """
 
 from __future__ import annotations
@@ -40,60 +54,40 @@ import torch
 
 import kernels
 from effref.serving.paged_attention import paged_attention as paged_attention_reference
-from kernels._runtime import (
-    Benchmark,
-    check_device,
-    check_same_device,
-    next_power_of_2,
-    require_triton,
-    tl,
-    triton,
+from kernels._attention import (  # shared with kernels/flash_decoding.py; re-exported here
+    LOG2E,
+    SUPPORTED_DTYPES,
+    check_splits_and_step,
+    combine_splits,
+    decode_launch_config,
+    default_num_splits,
+    finish_split,
+    online_softmax_step,
+    sdpa_decode,
+    tokens_per_split,
 )
-
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-LOG2E = 1.4426950408889634  # scores are kept in base 2: e^x = 2^(x·log2 e), and exp2 is the cheaper op
-
-
-@triton.jit
-def online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr):
-    """Fold one tile of keys/values into the running softmax of BLOCK_G query heads (FlashAttention's update).
-
-    q (BLOCK_G, BLOCK_D), k and v (BLOCK_N, BLOCK_D), valid (BLOCK_N,) marks real tokens; m_i, l_i (BLOCK_G,)
-    and acc (BLOCK_G, BLOCK_D) are fp32. ``qk_scale`` = scale · log2 e, so the exponentials are exp2.
-    Shared with kernels/flash_decoding.py.
-    """
-    if IEEE:  # fp32 inputs on a GPU: no TF32 rounding
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")  # (BLOCK_G, BLOCK_N)
-    else:
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_G, BLOCK_N), fp32 accumulation
-    s = tl.where(valid[None, :], s * qk_scale, float("-inf"))  # log2-scaled scores; padding never wins
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # (BLOCK_G,) finite: every tile holds a valid token
-    alpha = tl.exp2(m_i - m_new)  # (BLOCK_G,) rescales what was summed under the old max (0 on the first tile)
-    p = tl.exp2(s - m_new[:, None])  # (BLOCK_G, BLOCK_N)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if IEEE:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")  # (BLOCK_G, BLOCK_D)
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # 16-bit p on tensor cores, as in FlashAttention
-    return m_new, l_i, acc
+from kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
 
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_ptr,  # q, o (B, H, d); k, v (num_blocks, bs, H_kv, d); bt (B, max_blocks)
+    q_ptr, k_ptr, v_ptr, bt_ptr, len_ptr, o_ptr, lse_ptr,  # q (B, H, d); k, v (num_blocks, bs, H_kv, d);
+    # bt (B, max_blocks); o = out (B, H, d) in q's dtype, or with SPLIT o_s (B, H, S, d) and λ_s (B, H, S) fp32
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-    stride_bt, stride_ob, stride_oh, d_head, qk_scale,
+    stride_bt, stride_ob, stride_oh, stride_os, stride_lb, stride_lh, chunk, d_head, qk_scale,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seq, kv_head = tl.program_id(0), tl.program_id(1)
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     heads = kv_head * GROUP + tl.arange(0, BLOCK_G)  # (BLOCK_G,) the query heads that read this KV head
     head_ok = tl.arange(0, BLOCK_G) < GROUP
     dims = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     dim_ok = dims < d_head
     context_len = tl.load(len_ptr + seq)
+    first = split * chunk  # this split's tokens: [first, last)
+    last = tl.minimum(first + chunk, context_len)  # ≤ first when the sequence ends before the split: empty
 
-    # MEMORY-TRAFFIC: reads G·d query values once per program (B·H·d in all).
+    # MEMORY-TRAFFIC: reads G·d query values once per program (S·B·H·d in all, small next to the cache).
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                 mask=head_ok[:, None] & dim_ok[None, :], other=0.0)  # (BLOCK_G, BLOCK_D)
     if UPCAST:  # fp32 math: the interpreter gets 16-bit arithmetic wrong
@@ -102,16 +96,17 @@ def _paged_attention_kernel(
     m_i = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    for start in range(0, context_len, BLOCK_N):
+    for start in range(first, last, BLOCK_N):
         tokens = start + tl.arange(0, BLOCK_N)  # (BLOCK_N,) logical positions in the sequence
-        valid = tokens < context_len
+        valid = tokens < last
         # MEMORY-TRAFFIC: reads one int32 block id per token (one per cache block after caching: 4 bytes
         # per block_size tokens).
         block = tl.load(bt_ptr + seq * stride_bt + tokens // BLOCK_SIZE, mask=valid, other=0)  # (BLOCK_N,)
         block = block.to(tl.int64)  # a pool of num_blocks · bs · H_kv · d elements may pass 2³¹
         slot = tokens % BLOCK_SIZE
         kv_mask = valid[:, None] & dim_ok[None, :]
-        # MEMORY-TRAFFIC: reads BLOCK_N·d keys and BLOCK_N·d values of this KV head: the cache's only read.
+        # MEMORY-TRAFFIC: reads BLOCK_N·d keys and BLOCK_N·d values of this KV head: the cache's only read
+        # (the splits of one sequence cover disjoint tokens).
         k = tl.load(k_ptr + block[:, None] * stride_kb + slot[:, None] * stride_kt + kv_head * stride_kh
                     + dims[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(v_ptr + block[:, None] * stride_vb + slot[:, None] * stride_vt + kv_head * stride_vh
@@ -120,36 +115,31 @@ def _paged_attention_kernel(
             k, v = k.to(tl.float32), v.to(tl.float32)
         m_i, l_i, acc = online_softmax_step(q, k, v, valid, m_i, l_i, acc, qk_scale, IEEE)
 
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # (BLOCK_G, BLOCK_D); zeros for an empty context
-    # MEMORY-TRAFFIC: writes G·d outputs once, rounded from fp32 to q's dtype.
-    tl.store(o_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+    out, lse = finish_split(m_i, l_i, acc)  # (BLOCK_G, BLOCK_D) o_s, (BLOCK_G,) λ_s; zeros and −inf when empty
+    # MEMORY-TRAFFIC: writes G·d outputs, rounded from fp32 to q's dtype (S = 1), or G·(d + 1) fp32 partials.
+    tl.store(o_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os + dims[None, :],
              out.to(o_ptr.dtype.element_ty), mask=head_ok[:, None] & dim_ok[None, :])
-
-
-def _launch_config(group: int, d_head: int, max_len: int, block_n: int | None) -> dict:
-    """Tile sizes: the interpreter pays per program × loop step, a GPU wants tl.dot dimensions ≥ 16."""
-    if kernels.INTERPRETED:
-        cfg = {"BLOCK_G": next_power_of_2(group), "BLOCK_D": next_power_of_2(d_head),
-               "BLOCK_N": min(1024, max(16, next_power_of_2(max_len))), "num_warps": 4}
-    else:  # untuned defaults: 64 tokens of 128 dims per step is 16 KiB of bf16 keys in flight
-        cfg = {"BLOCK_G": max(16, next_power_of_2(group)), "BLOCK_D": max(16, next_power_of_2(d_head)),
-               "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-    if block_n is not None:
-        cfg["BLOCK_N"] = block_n
-    return cfg
+    if SPLIT:
+        tl.store(lse_ptr + seq * stride_lb + heads * stride_lh + split, lse, mask=head_ok)
 
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
-                           *, block_n: int | None = None, check_values: bool = True) -> torch.Tensor:
-    """Decode attention over a paged KV cache in one Triton kernel: q (B, H, d) → (B, H, d) in q's dtype.
+                           num_splits: int | None = None, *, block_n: int | None = None,
+                           check_values: bool = True) -> torch.Tensor:
+    """Decode attention over a paged KV cache in Triton: q (B, H, d) → (B, H, d) in q's dtype.
 
     Same contract as ``effref.serving.paged_attention.paged_attention``: ``k_cache``/``v_cache`` are
     (num_blocks, block_size, H_kv, d) pools, ``block_tables`` (B, max_blocks) int32 lists each sequence's
     blocks in order, ``context_lens`` (B,) int32 counts its cached tokens; head h reads KV head
-    h // (H / H_kv); ``scale`` defaults to 1/√d. ``block_n`` overrides the tokens per loop step (tests use
-    it to force many steps). ``check_values`` reads the lengths and block ids back to the host to check their
-    range, which synchronises with the GPU: an engine that builds its own tables may turn it off.
+    h // (H / H_kv); ``scale`` defaults to 1/√d. ``num_splits`` is S, the programs that share one
+    (sequence, KV head): None asks ``default_num_splits`` (about two programs per SM, at least 256 of the
+    table's max_blocks · block_size positions per split); 1 is one kernel launch that writes the output
+    directly; S > 1 adds fp32 partials and the log-sum-exp combine. The splits cut the table's capacity, so
+    trim ``block_tables`` to the columns the longest sequence uses (a free view) if it is much wider.
+    ``block_n`` overrides the tokens per loop step (tests use it to force many steps). ``check_values``
+    reads the lengths and block ids back to the host to check their range, which synchronises with the GPU:
+    an engine that builds its own tables may turn it off.
     """
     require_triton("paged_attention")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
@@ -184,6 +174,7 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          "rows, one per sequence of q")
     if context_lens.shape != (B,):
         raise ValueError(f"context_lens.shape={tuple(context_lens.shape)} must be (B,) = ({B},)")
+    capacity = block_tables.shape[1] * block_size  # the longest context the tables describe: no GPU read
     check_same_device("q", q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
                       context_lens=context_lens)
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
@@ -192,15 +183,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                          "n_kv_heads, d_head)")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale={scale!r} must be a positive finite number, or None for 1/sqrt(d_head)")
-    if block_n is not None and (isinstance(block_n, bool) or not isinstance(block_n, int) or block_n < 1
-                                or block_n & (block_n - 1) or (not kernels.INTERPRETED and block_n < 16)):
-        raise ValueError(f"block_n={block_n!r} must be a power of two (≥ 16 on a GPU), or None for the default")
+    check_splits_and_step(num_splits, block_n)
     if torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError("paged_attention_decode has no backward pass, but q requires grad; call it under "
                            "torch.no_grad(), or use effref.serving.paged_attention.paged_attention")
     if check_values and B:
         lo, hi = int(context_lens.min()), int(context_lens.max())
-        capacity = block_tables.shape[1] * block_size
         if lo < 1 or hi > capacity:
             raise ValueError(f"context_lens must lie in [1, max_blocks * block_size = {capacity}], got min {lo}, "
                              f"max {hi}; drop empty sequences from the batch, or widen block_tables")
@@ -221,18 +209,29 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if B == 0 or H == 0:
         return out
     group = H // H_kv
-    # the longest context sizes the interpreter's step; on a GPU it is not read (no host sync)
-    max_len = int(context_lens.max()) if kernels.INTERPRETED else 0
-    cfg = _launch_config(group, d, max_len, block_n)
+    S = default_num_splits(B, H_kv, capacity, q.device) if num_splits is None else num_splits
+    span = math.ceil(capacity / S)  # positions per split before rounding to whole loop steps
+    if kernels.INTERPRETED:  # the interpreter's step covers a whole (short) chunk; a GPU never reads the lengths
+        span = min(span, int(context_lens.max()))
+    cfg = decode_launch_config(group, d, span, block_n)
+    chunk = tokens_per_split(capacity, S, cfg["BLOCK_N"])  # tokens per split, whole loop steps
     qk_scale = (1.0 / math.sqrt(d) if scale is None else float(scale)) * LOG2E
-    _paged_attention_kernel[(B, H_kv)](
-        q, k_cache, v_cache, block_tables, context_lens, out,
+    if S == 1:  # the program writes the output itself: no partials, no combine launch
+        o_part, lse_part = out[:, :, None], out  # (B, H, 1, d) view of out; lse_part is not written
+    else:
+        o_part = torch.empty((B, H, S, d), dtype=torch.float32, device=q.device)  # (B, H, S, d) o_s
+        lse_part = torch.empty((B, H, S), dtype=torch.float32, device=q.device)  # (B, H, S) λ_s
+    _paged_attention_kernel[(B, H_kv, S)](
+        q, k_cache, v_cache, block_tables, context_lens, o_part, lse_part,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        out.stride(0), out.stride(1), d, qk_scale,
-        GROUP=group, BLOCK_SIZE=block_size, UPCAST=kernels.INTERPRETED or q.dtype == torch.float32,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+        chunk, d, qk_scale, GROUP=group, BLOCK_SIZE=block_size, SPLIT=S > 1,
+        UPCAST=kernels.INTERPRETED or q.dtype == torch.float32,
         IEEE=q.dtype == torch.float32 and not kernels.INTERPRETED, **cfg,
     )
+    if S > 1:
+        out, _ = combine_splits(o_part, lse_part, out_dtype=q.dtype)  # (B, H, d)
     return out
 
 
@@ -241,7 +240,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # so that contiguous SDPA can run on the same data.
 
 def paged_attention_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """Ideal traffic: every cached key and value read once, q read once, out written once, block ids read once."""
+    """Ideal traffic: every cached key and value read once, q read once, out written once, block ids read once.
+
+    The split's fp32 partials (S·(d + 1) per query head, written and read back) are left out: S·d ≪ L·d."""
     B, H, H_kv, d, L, bs = shape
     elt = torch.empty((), dtype=dtype).element_size()
     return 2 * B * L * H_kv * d * elt + 2 * B * H * d * elt + 4 * B * math.ceil(L / bs)
@@ -295,15 +296,12 @@ def _reference(q, k_cache, v_cache, tables, lens, k, v):
     return paged_attention_reference(q, k_cache, v_cache, tables, lens)
 
 
-def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Contiguous decode attention with PyTorch's fused SDPA: q (B, H, d), k/v (B, H_kv, L, d) → (B, H, d)."""
-    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
-    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale, **gqa)
-    return out[:, :, 0]  # (B, H, d)
-
-
 def _sdpa(q, k_cache, v_cache, tables, lens, k, v):
     return sdpa_decode(q, k, v)
+
+
+def _one_split(q, k_cache, v_cache, tables, lens, k, v):
+    return paged_attention_decode(q, k_cache, v_cache, tables, lens, num_splits=1, check_values=False)
 
 
 BENCHMARK = Benchmark(
@@ -311,14 +309,15 @@ BENCHMARK = Benchmark(
     make_inputs=_make_inputs,
     kernel=_kernel,
     reference=_reference,
-    baselines={"SDPA contiguous": _sdpa, "gather+SDPA": _reference},
+    baselines={"SDPA contiguous": _sdpa, "gather+SDPA": _reference, "no split": _one_split},
     bytes_moved=paged_attention_bytes,
     flops=paged_attention_flops,
     shape_names="(B, H, H_kv, d, context, block_size)",
     # Llama-2-7B (MHA, 32 heads) and Llama-3-8B (GQA, 32/8 heads), d 128, vLLM's default block size 16
     shapes=[(8, 32, 32, 128, 1024, 16), (32, 32, 32, 128, 1024, 16), (32, 32, 8, 128, 2048, 16),
             (64, 32, 8, 128, 1024, 16), (8, 32, 8, 128, 4096, 16), (16, 32, 8, 128, 2048, 32)],
-    check_shapes=[(3, 4, 2, 32, 40, 16), (2, 4, 4, 16, 33, 8)],
+    # the last check shape is long enough for the default to split on CPU (2 splits of 304 positions)
+    check_shapes=[(3, 4, 2, 32, 40, 16), (2, 4, 4, 16, 33, 8), (1, 4, 2, 32, 600, 16)],
     dtypes=(torch.bfloat16, torch.float16),
     # the kernel rounds p to 16 bits before p·v on a GPU; the reference's SDPA keeps its own rounding
     tolerance={torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)},

@@ -137,6 +137,18 @@ def test_combine_against_direct_formula_with_empty_and_extreme_splits():
     torch.testing.assert_close(out[3].double(), o_part[3, 6].double(), atol=1e-3, rtol=1e-3)
 
 
+@needs_triton
+def test_combine_of_a_row_with_no_tokens_is_zero_with_lse_minus_inf():
+    # the paged kernel's padded batch slots (context length 0) reach the combine with every split empty
+    o_part = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(7))  # (R, S, d)
+    lse_part = torch.tensor([[-math.inf] * 3, [0.5, -math.inf, 1.5]])  # (R, S)
+    out, lse = combine_splits(o_part, lse_part)
+    assert torch.equal(out[0], torch.zeros(8)) and lse[0].item() == -math.inf
+    w = torch.softmax(lse_part[1, [0, 2]].double(), dim=0)
+    torch.testing.assert_close(out[1].double(), w[0] * o_part[1, 0].double() + w[1] * o_part[1, 2].double(),
+                               atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("B, H_kv, T, expected", [
     (1, 1, 100, 1),  # shorter than one split's minimum: no split
     (1, 1, 10_000, 8),  # the interpreter's nominal 4 "SMs" want 8 programs

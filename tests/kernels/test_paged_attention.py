@@ -6,6 +6,10 @@ agree with float64 attention over the dense originals, which never saw the block
 PyTorch reference ``effref.serving.paged_attention.paged_attention`` on the same pool. Under the Triton
 interpreter on CPU the shapes are small; ``block_n`` is forced small in some cases so that the online
 softmax runs over many loop steps, each straddling several cache blocks.
+
+The sequence split (``num_splits`` > 1) cuts the table's capacity into chunks: short sequences leave their
+later splits empty, and split counts beyond the tokens leave most splits empty; every split count must give
+the answer of one split, which writes the output without the combine.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ import pytest
 import torch
 
 import kernels
+import kernels.paged_attention as pa
 from kernels.paged_attention import (
     BENCHMARK,
+    default_num_splits,
     paged_attention_bytes,
     paged_attention_decode,
     paged_attention_reference,
@@ -93,12 +99,103 @@ def test_fp32_equals_brute_force_on_random_block_layouts(lens, H, H_kv, d, block
                                atol=2e-6, rtol=2e-6)
 
 
+# (context lengths, H, H_kv, d, block_size, num_splits, block_n); tables are 2 blocks wider than needed, so the
+# capacity the splits cut exceeds the longest sequence
+SPLIT_CASES = [
+    ([1, 17, 40, 64], 4, 2, 32, 8, 4, None),  # chunks of 32: sequences of 1 and 17 tokens leave 3 splits empty
+    ([33, 5, 64, 1], 4, 4, 16, 8, 3, 8),  # MHA, several steps per split, each spanning one cache block
+    ([50, 23], 8, 2, 64, 6, 5, 16),  # block size 6: split boundaries fall inside cache blocks
+    ([7], 2, 1, 40, 4, 2, 8),  # multi-query attention, the second split holds nothing
+    ([9, 2], 4, 2, 16, 4, 64, 8),  # far more splits than tokens: 62 of 64 splits empty for every sequence
+]
+
+
 @needs_triton
-def test_never_reads_outside_a_sequences_tokens():
+@pytest.mark.parametrize("lens, H, H_kv, d, block_size, S, block_n", SPLIT_CASES,
+                         ids=lambda c: str(c).replace(" ", ""))
+def test_split_equals_brute_force_and_one_split(lens, H, H_kv, d, block_size, S, block_n):
+    q, k_cache, v_cache, tables, context_lens, keys, values = paged_case(lens, H, H_kv, d, block_size)
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=S, block_n=block_n)
+    assert out.shape == (len(lens), H, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), brute_force(q, keys, values), atol=2e-6, rtol=2e-6)
+    one = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=1, block_n=block_n)
+    torch.testing.assert_close(out, one, atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+def test_split_count_does_not_change_the_answer():
+    q, k_cache, v_cache, tables, context_lens, _, _ = paged_case([45, 3, 20], 2, 1, 16, 4, seed=2)
+    outs = [paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=s, block_n=8)
+            for s in (1, 2, 5, 13, 100)]  # the tables hold 13 blocks · 4 = 52 positions
+    for out in outs[1:]:
+        torch.testing.assert_close(out, outs[0], atol=1e-6, rtol=1e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)])
+def test_split_in_half_precision_rounds_once(dtype, tol):
+    # fp32 partials, then the combine writes the 16-bit output
+    q, k_cache, v_cache, tables, context_lens, keys, values = paged_case([1, 37, 20], 4, 2, 32, 16, dtype)
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=3, block_n=16)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), brute_force(q, keys, values), atol=tol, rtol=tol)
+
+
+@needs_triton
+def test_one_split_writes_the_output_without_the_combine(monkeypatch):
+    q, k_cache, v_cache, tables, context_lens, keys, values = paged_case([12, 30], 4, 2, 16, 8)
+    calls = []
+    real = pa.combine_splits
+    monkeypatch.setattr(pa, "combine_splits", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=1)
+    assert calls == []
+    torch.testing.assert_close(out.double(), brute_force(q, keys, values), atol=2e-6, rtol=2e-6)
+    paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=3)
+    assert calls == [(2, 4, 3, 16)]  # (B, H, S, d) fp32 partials, merged once
+
+
+@needs_triton
+def test_default_splits_are_sized_from_the_table_not_the_lengths(monkeypatch):
+    # the launcher may not read context_lens on a GPU (a host sync), so the default sees the table's capacity
+    q, k_cache, v_cache, tables, context_lens, keys, values = paged_case([3, 5], 4, 2, 16, 4)
+    seen = []
+    monkeypatch.setattr(pa, "default_num_splits", lambda *a: seen.append(a) or 2)
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens)
+    assert seen == [(2, 2, tables.shape[1] * 4, q.device)]  # (batch, KV heads, capacity, device)
+    torch.testing.assert_close(out.double(), brute_force(q, keys, values), atol=2e-6, rtol=2e-6)
+
+
+@needs_triton
+@pytest.mark.parametrize("S", [1, 3])
+def test_a_sequence_with_no_tokens_gives_zeros_split_or_not(S):
+    # only reachable with check_values=False (an engine's padded batch slot): zeros, never NaN, for any S
+    q, k_cache, v_cache, tables, context_lens, keys, values = paged_case([6, 1], 2, 2, 16, 4)
+    context_lens[1] = 0
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=S, check_values=False)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(out[:1].double(), brute_force(q[:1], keys[:1], values[:1]), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("B, H_kv, capacity, sms, expected", [
+    (8, 8, 4096, 132, 5),  # the bench's (8, 32, 8, 128, 4096, 16): 64 programs become 320 on an H100
+    (1, 8, 16384, 132, 33),  # batch 1: 264 programs, two per SM
+    (64, 8, 1024, 132, 1),  # 512 programs already fill the GPU: the unsplit kernel
+    (8, 8, 400, 132, 1),  # under 2 × 256 positions: no split is long enough to pay for its partials
+    (2, 2, 4096, 4, 2),  # the interpreter's nominal 4 "SMs"
+])
+def test_default_split_heuristic_values(B, H_kv, capacity, sms, expected):
+    S = default_num_splits(B, H_kv, capacity, sm_count=sms)
+    assert S == expected
+    assert S == 1 or (B * H_kv * S >= 2 * sms and capacity // S >= 256)
+
+
+@needs_triton
+@pytest.mark.parametrize("S", [1, 3])
+def test_never_reads_outside_a_sequences_tokens(S):
     # unused slots of the last block and all spare blocks hold NaN: a single stray read would poison the output
     q, k_cache, v_cache, tables, context_lens, keys, values = paged_case([13, 1, 30], 4, 2, 32, 8, fill=math.nan,
                                                                          pad_id=10**6)
-    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, block_n=16)
+    out = paged_attention_decode(q, k_cache, v_cache, tables, context_lens, num_splits=S, block_n=16)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), brute_force(q, keys, values), atol=2e-6, rtol=2e-6)
 
@@ -177,6 +274,11 @@ BAD = [
      r"contiguous last \(d_head\) dimension"),
     ("scale zero", {"scale": 0.0}, ValueError, r"scale=0\.0 must be a positive finite number"),
     ("block_n not power of 2", {"block_n": 24}, ValueError, r"block_n=24 must be a power of two"),
+    ("zero splits", {"num_splits": 0}, ValueError,
+     r"num_splits=0 must be an integer in \[1, 4096\], or None for default_num_splits"),
+    ("float splits", {"num_splits": 2.0}, ValueError, r"num_splits=2\.0 must be an integer"),
+    ("bool splits", {"num_splits": True}, ValueError, r"num_splits=True must be an integer"),
+    ("too many splits", {"num_splits": 5000}, ValueError, r"num_splits=5000 must be an integer in \[1, 4096\]"),
     ("q needs grad", {"q": torch.ones(2, 4, 16, requires_grad=True)}, RuntimeError,
      r"paged_attention_decode has no backward pass"),
 ]
@@ -217,10 +319,14 @@ def test_roofline_bytes_are_the_cache_read_once(shape, dtype):
 
 @needs_triton
 def test_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
-    # the launcher's GPU configuration (16-row query tiles for tl.dot, bf16 loads); the fp32/IEEE branch of
-    # the shared online_softmax_step is compiled by test_flash_decoding.py
-    out = compile_for_gpu({"module": "kernels.paged_attention", "kernel": "_paged_attention_kernel",
-                           "types": {"bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"},
-                           "constexprs": {"GROUP": 4, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_N": 64,
-                                          "BLOCK_D": 128, "UPCAST": False, "IEEE": False}})
-    assert "compiled _paged_attention_kernel" in out
+    # the launcher's GPU configuration (16-row query tiles for tl.dot, bf16 loads), unsplit (bf16 output written
+    # directly) and split (fp32 partials o_s and λ_s); the fp32/IEEE branch of the shared online_softmax_step
+    # and the combine kernel are compiled by test_flash_decoding.py
+    job = {"module": "kernels.paged_attention", "kernel": "_paged_attention_kernel",
+           "types": {"bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"},
+           "constexprs": {"GROUP": 4, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128,
+                          "SPLIT": False, "UPCAST": False, "IEEE": False}}
+    split = job | {"types": job["types"] | {"o_ptr": "*fp32", "lse_ptr": "*fp32"},
+                   "constexprs": job["constexprs"] | {"SPLIT": True}}
+    out = compile_for_gpu(job, split)
+    assert out.count("compiled _paged_attention_kernel") == 2
