@@ -9,6 +9,7 @@ error that says how to install it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,21 @@ def split_k_output(M: int, N: int, split_k: int, like: torch.Tensor) -> torch.Te
     if split_k > 1:
         return torch.zeros((M, N), dtype=torch.float32, device=like.device)
     return torch.empty((M, N), dtype=like.dtype, device=like.device)
+
+
+def decode_split_k(n_tiles: int, k_tiles: int, sm_count: int | None = None) -> int:
+    """Programs that share one output tile along K in a memory-bound (decode) matmul.
+
+    When the output's column tiles alone give every SM two programs, they keep HBM busy by themselves: no
+    split, which also spares split-K's fp32 zero-fill, atomics and final cast (two extra kernels, a few µs
+    that matter when the whole product takes ~10 µs). Otherwise split until there are about four programs per
+    SM, never more than one per K tile. ``sm_count`` defaults to the current CUDA device's.
+    """
+    sms = sm_count if sm_count is not None else torch.cuda.get_device_properties(
+        torch.cuda.current_device()).multi_processor_count
+    if n_tiles >= 2 * sms:
+        return 1
+    return max(1, min(k_tiles, math.ceil(4 * sms / n_tiles)))
 
 
 def next_power_of_2(n: int) -> int:

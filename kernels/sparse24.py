@@ -51,6 +51,7 @@ from kernels._runtime import (
     as_rows,
     check_device,
     check_same_device,
+    decode_split_k,
     next_power_of_2,
     require_triton,
     split_k_output,
@@ -209,9 +210,7 @@ def _config(M: int, N: int, K: int, path: str, split_k: int | None, block_k: int
                "BLOCK_K": max(64, min(next_power_of_2(K), 512)), "SPLIT_K": 1, "num_warps": 4}
     elif path == "decode":
         cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
-        n_tiles, k_tiles = math.ceil(N / cfg["BLOCK_N"]), math.ceil(K / cfg["BLOCK_K"])
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        cfg["SPLIT_K"] = max(1, min(k_tiles, math.ceil(4 * sms / n_tiles)))  # ≥ 4 programs per SM
+        cfg["SPLIT_K"] = decode_split_k(math.ceil(N / cfg["BLOCK_N"]), math.ceil(K / cfg["BLOCK_K"]))
     else:
         cfg = {"BLOCK_M": 128 if M >= 128 else 64, "BLOCK_N": 128, "BLOCK_K": 128, "SPLIT_K": 1,
                "num_warps": 8, "num_stages": 3}

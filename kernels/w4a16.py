@@ -19,9 +19,9 @@ as (possibly fractional) code offsets. The kernel splits every K tile by parity 
 the low nibbles, the odd ones the high nibbles — so no interleaving is needed in registers.
 
 Two launch paths of the same kernel:
-- decode (M ≤ 16 rows, GEMV-like, memory-bound): a 16-row tile, narrow column blocks, and split-K, so that
-  a 1 × 4096 · 4096 × 4096 product still spreads over enough programs to keep every SM reading. The split
-  partial sums meet in an fp32 buffer by atomic adds.
+- decode (M ≤ 16 rows, GEMV-like, memory-bound): a 16-row tile and narrow column blocks. An 11008-row weight
+  gives 344 column blocks, enough to keep every SM reading; a 4096-row one gives 128, so it also splits K
+  (``decode_split_k``) and the partial sums meet in an fp32 buffer by atomic adds.
 - prefill (M > 16, compute-bound for large M): the classic tiled matmul with square 64–128 tiles.
 
 Glossary: x (M × K) activations · qweight (N × K/2) packed codes · s, z (N × K/g) scales and zeros
@@ -43,6 +43,7 @@ from kernels._runtime import (
     as_rows,
     check_device,
     check_same_device,
+    decode_split_k,
     next_power_of_2,
     require_triton,
     split_k_output,
@@ -116,9 +117,7 @@ def _config(M: int, N: int, K: int, group_size: int, path: str, split_k: int | N
                "BLOCK_K": group_size, "SPLIT_K": 1, "num_warps": 4}
     elif path == "decode":
         cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": min(group_size, 128), "num_warps": 4, "num_stages": 4}
-        n_tiles, k_tiles = math.ceil(N / cfg["BLOCK_N"]), K // cfg["BLOCK_K"]
-        sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-        cfg["SPLIT_K"] = max(1, min(k_tiles, math.ceil(4 * sms / n_tiles)))  # ≥ 4 programs per SM
+        cfg["SPLIT_K"] = decode_split_k(math.ceil(N / cfg["BLOCK_N"]), K // cfg["BLOCK_K"])
     else:
         cfg = {"BLOCK_M": 128 if M >= 128 else 64, "BLOCK_N": 128, "BLOCK_K": min(group_size, 64),
                "SPLIT_K": 1, "num_warps": 8, "num_stages": 3}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import kernels
+from kernels._runtime import decode_split_k
 from kernels.w4a16 import BENCHMARK, dequantize_int4, unpack_int4, w4a16_bytes, w4a16_matmul, w4a16_reference
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
@@ -127,3 +128,14 @@ def test_roofline_bytes_count_packed_weight_metadata_and_activations(shape):
     assert torch.equal(dense, dequantize_int4(qweight, scales, zeros, g).half())
 
 
+
+
+@pytest.mark.parametrize("n_tiles, k_tiles, sm_count, expected", [
+    (344, 32, 132, 1),  # 11008 rows in 32-row tiles: 2.6 programs per SM already, no split
+    (264, 32, 132, 1),  # exactly two per SM
+    (128, 32, 132, 5),  # 4096 rows: split until ~4 programs per SM (640)
+    (2, 4, 132, 4),  # never more splits than K tiles
+    (1, 1, 132, 1),
+])
+def test_decode_split_k_splits_only_when_the_columns_cannot_fill_the_gpu(n_tiles, k_tiles, sm_count, expected):
+    assert decode_split_k(n_tiles, k_tiles, sm_count) == expected
