@@ -13,15 +13,18 @@ could not be pulled out of the sum, and int8 tensor cores could not be used.
 
 Why a kernel. Int8 tensor cores do twice the dense fp16 work per cycle on A100/H100 (H100 SXM: 1979 vs
 989 TOPS), and int8 operands halve the bytes read. A GEMM of 4096³ is compute-bound, so the bench reports
-FLOPs against the roofline. Caveat for the bench table: ``kernels.bench`` knows only the 16-bit tensor
-peak, so its "% of roofline" for this kernel is measured against 989 TFLOP/s, not the int8 peak, and reads
-2× too high; the speed-up over fp16 ``F.linear`` is the honest figure.
+FLOPs against the roofline, whose compute roof for this entry is the int8 tensor-core peak (``compute="int8"``).
+
+Tiles. Up to 64 tokens use one fixed tile shape (a thin, memory-bound product); larger products are
+compute-bound and their best tile depends on the GPU, so the launcher lets ``triton.autotune`` time the
+candidates in ``GPU_TILES`` once per (M, N, K) on first use and keep the fastest.
 
 Glossary: X_q (M × K) int8 activations · W_q (N × K) int8 weights · a (M,) per-token scales
           · b (N,) per-channel scales · Y (M × N) output in fp16/bf16/fp32.
 Left out: fusing the per-token quantization of X into the previous kernel (SmoothQuant fuses it into the
 LayerNorm), int8 outputs for the next layer, per-tensor static scales (a one-element ``a`` broadcast works
-through ``w8a8_matmul``'s checks only as a length-M vector), autotuning.
+through ``w8a8_matmul``'s checks only as a length-M vector), Hopper's TMA loads and warp specialisation,
+split-K for thin products.
 """
 
 from __future__ import annotations
@@ -73,15 +76,29 @@ def _w8a8_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
+AUTOTUNE_MIN_M = 65  # from this many tokens on, the product is compute-bound and its tile is autotuned
+GPU_TILES = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); int8 operands: 128 bytes of K per row
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (128, 256, 128, 8, 3),  # 48 KiB of operands per stage
+    (256, 128, 128, 8, 3),
+    (64, 256, 128, 4, 4),
+    (128, 64, 128, 4, 4),
+]
+_w8a8_autotuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+             for m, n, k, w, s in GPU_TILES],
+    key=["M", "N", "K"],  # a tile that does not fit the GPU's shared memory is skipped by the tuner
+)(_w8a8_kernel)
+
+
 def _config(M: int, N: int, K: int) -> dict:
-    """Tile sizes: few, large programs for the interpreter; untuned but sensible GPU tiles otherwise."""
+    """Fixed tile sizes: few, large programs for the interpreter; for thin products on a GPU, a 16/64-row tile."""
     if kernels.INTERPRETED:
         return {"BLOCK_M": max(16, min(next_power_of_2(M), 64)),
                 "BLOCK_N": max(16, min(next_power_of_2(N), 128)),
                 "BLOCK_K": max(32, min(next_power_of_2(K), 256)), "num_warps": 4}
-    block_m = 16 if M <= 16 else 64 if M <= 64 else 128
-    return {"BLOCK_M": block_m, "BLOCK_N": 128, "BLOCK_K": 128 if block_m < 128 else 64,
-            "num_warps": 8 if block_m == 128 else 4, "num_stages": 3}
+    return {"BLOCK_M": 16 if M <= 16 else 64, "BLOCK_N": 128, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}
 
 
 def w8a8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
@@ -115,10 +132,13 @@ def w8a8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_s
     y = torch.empty((M, N), dtype=out_dtype, device=x_q.device)  # (M, N)
     if M == 0 or N == 0:
         return y
-    cfg = _config(M, N, K)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
-    _w8a8_kernel[grid](x_q, w_q, x_scale.contiguous(), w_scale.contiguous(), y, M, N, K,
-                       x_q.stride(0), w_q.stride(0), y.stride(0), **cfg)
+    args = (x_q, w_q, x_scale.contiguous(), w_scale.contiguous(), y, M, N, K, x_q.stride(0), w_q.stride(0),
+            y.stride(0))
+    if kernels.INTERPRETED or M < AUTOTUNE_MIN_M:
+        cfg = _config(M, N, K)
+        _w8a8_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))](*args, **cfg)
+    else:
+        _w8a8_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args)
     return y
 
 

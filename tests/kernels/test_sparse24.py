@@ -209,3 +209,13 @@ def test_semi_structured_baseline_explains_a_refusal():
     x, values, meta, dense, _ = BENCHMARK.make_inputs((5, 64, 200), torch.float16, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"refused this torch.float16 \(64, 200\) weight \(too narrow\).*≥ 8\.0"):
         _semi_linear(x, values, meta, dense, RuntimeError("too narrow"))
+
+
+@needs_triton
+def test_decode_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
+    report = compile_for_gpu(
+        {"module": "kernels.sparse24", "kernel": "_sparse24_kernel", "pointer": "*fp16",
+         "types": {"e_ptr": "*u8", "y_ptr": "*fp32"},
+         "constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2, "UPCAST": False, "IEEE": False},
+         "options": {"num_warps": 4, "num_stages": 3}})
+    assert "compiled _sparse24_kernel" in report

@@ -139,3 +139,15 @@ def test_roofline_bytes_count_packed_weight_metadata_and_activations(shape):
 ])
 def test_decode_split_k_splits_only_when_the_columns_cannot_fill_the_gpu(n_tiles, k_tiles, sm_count, expected):
     assert decode_split_k(n_tiles, k_tiles, sm_count) == expected
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k, out", [(1, "*fp16"), (4, "*fp32")])  # direct store, or fp32 atomics
+def test_decode_kernel_compiles_for_a_hopper_gpu(compile_for_gpu, split_k, out):
+    report = compile_for_gpu(
+        {"module": "kernels.w4a16", "kernel": "_w4a16_kernel", "pointer": "*fp16",
+         "types": {"qw_ptr": "*u8", "y_ptr": out},
+         "constexprs": {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k,
+                        "UPCAST": False, "IEEE": False},
+         "options": {"num_warps": 4, "num_stages": 4}})
+    assert "compiled _w4a16_kernel" in report

@@ -8,6 +8,7 @@ import torch
 import kernels
 from kernels.w8a8 import (
     BENCHMARK,
+    GPU_TILES,
     MAX_K,
     quantize_rows_int8,
     w8a8_bytes,
@@ -136,3 +137,17 @@ def test_roofline_uses_the_int8_peak():
     flops = 2 * 64 * 64 * 64
     assert BENCHMARK.compute == "int8"
     assert record["pct_roofline"] == pytest.approx(100 * (flops / 2e9) / 1e-3)
+
+
+@needs_triton
+def test_kernel_compiles_for_a_hopper_gpu_at_the_largest_autotuned_tile_and_the_thin_one(compile_for_gpu):
+    largest = max(GPU_TILES, key=lambda t: t[0] * t[1] * t[2])
+    m, n, k, warps, stages = largest
+    job = {"module": "kernels.w8a8", "kernel": "_w8a8_kernel", "pointer": "*i8",
+           "types": {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "y_ptr": "*fp16"}}
+    out = compile_for_gpu(
+        job | {"constexprs": {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},
+               "options": {"num_warps": warps, "num_stages": stages}},
+        job | {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128},
+               "options": {"num_warps": 4, "num_stages": 3}})
+    assert out.count("compiled _w8a8_kernel") == 2
