@@ -9,5 +9,6 @@
 - ``skipdecode``: SkipDecode's token-level early exit with a per-layer cache.
 - ``flexgen``: FlexGen's offloading cost model (GPU/CPU/disk placement by linear programming, 4-bit compression).
 - ``dejavu``: Deja Vu's contextual sparsity for SwiGLU MLP neurons and attention heads (importance, low-rank
-  predictors, sparse MLP and sparse attention).
+  predictors, sparse MLP and sparse attention); ``dejavu_predictor`` holds the shared predictor and top-k
+  selection, ``dejavu_heads`` the attention-head part.
 """
