@@ -1,11 +1,11 @@
 """PagedAttention decode in Triton: attend to a sequence's KV blocks where they lie, split across programs.
 
 Paper: Kwon, Li, Zhuang, Sheng, Zheng, Yu, Gonzalez, Zhang, Stoica (2023), "Efficient Memory Management for
-Large Language Model Serving with PagedAttention", arXiv:2309.06180 — §4.1, Eq. 4. The paper describes the
-block-wise attention of vLLM's first kernel ("V1": one program walks a whole sequence). The sequence split is
-not in the paper: it is vLLM's "V2" kernel from its code base, which cuts long contexts into partitions and
-merges them with Flash-Decoding's log-sum-exp reduction (Dao, Haziza, Massa, Sizov 2023, PyTorch blog). The
-online softmax is FlashAttention's (Dao et al., 2022, arXiv:2205.14135, Algorithm 1).
+Large Language Model Serving with PagedAttention", arXiv:2309.06180 — §4.1, Eq. 4: block-wise attention, as
+in vLLM's first kernel ("V1", where one thread block walks a whole sequence). The sequence split is not
+described in the paper: it follows vLLM's "V2" kernel from its code base, which cuts long contexts into
+partitions and merges them with a log-sum-exp reduction, the one of Flash-Decoding (Dao, Haziza, Massa, Sizov
+2023, PyTorch blog). The online softmax is FlashAttention's (Dao et al., 2022, arXiv:2205.14135, Algorithm 1).
 
 A serving engine keeps each layer's KV cache as a pool of fixed-size blocks and gives every sequence a
 block table: its j-th cached token sits in block ``block_tables[i, j // block_size]`` at slot
