@@ -7,8 +7,9 @@
 - ``scheduler``: iteration-level (continuous) batching with FCFS admission and preemption by recomputation or
   by swapping to a CPU block pool (Orca, Yu et al. 2022; vLLM).
 - ``trace``: seeded synthetic request traces (Poisson arrivals, length distributions).
-- ``engine``: ``Engine`` with ``generate``, ``stream`` and a timed ``serve``; optional greedy speculative
-  decoding (``draft=``, ``gamma=``) verified in the same ragged step, rejected drafts truncated away.
+- ``engine``: ``Engine`` with ``generate``, ``stream`` and a timed ``serve``; optional speculative decoding
+  and sampling (``draft=``, ``gamma=``) verified in the same ragged step, rejected drafts truncated away.
+- ``drafting``: ``PagedDraft``, the draft model stepped over all drafting sequences at once on its own paged cache.
 - ``bench``: the static-batching baseline with transformers' ``generate`` and KV-memory bookkeeping.
 """
 

@@ -14,10 +14,10 @@ stream seeded by ``seed + request index``, so a request's output does not depend
 batch. ``n_samples`` > 1 forks a request after its prompt: the samples share the prompt's blocks and copy the
 last, partly filled block on their first write (copy-on-write).
 Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318;
-``draft=``, ``gamma=``): each decoding sequence first gets up to γ draft tokens (the draft runs one sequence at
-a time on its own dense ``KVCache``; never more than its remaining tokens − 1, nor than free blocks allow),
-their slots are reserved in its block table, and one ragged ``paged_forward`` verifies every sequence's γ+1
-positions at once. Each sequence then applies the speculative-sampling rule (``speculative_verify``: accept
+``draft=``, ``gamma=``): each decoding sequence first gets up to γ draft tokens (never more than its
+remaining tokens − 1, nor than free blocks allow) from ``PagedDraft``, which steps the draft model over all
+drafting sequences at once on a paged cache of its own; their slots are reserved in the sequence's block
+table, and one ragged ``paged_forward`` verifies every sequence's γ+1 positions at once. Each sequence then applies the speculative-sampling rule (``speculative_verify``: accept
 draft i with probability min(1, p_i(x_i)/q_i(x_i)), resample the first rejected one from norm(max(0, p − q)),
 add a bonus token from p_γ+1 when all pass). At temperature 0, p and q are one-hot and the output is
 token-for-token greedy decoding; at temperature T (top-k filtered alike in p and q) each token is distributed
@@ -25,8 +25,7 @@ as when sampling the target alone. ``commit`` caps the tokens at ``max_new_token
 block table past them, returning whole unneeded blocks. ``speculation_stats`` counts accepted drafts.
 Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma`` · p, q
           target and draft next-token distributions at the drafted positions.
-Left out: a batched or paged draft (each draft runs alone on a dense cache), choosing γ per sequence from its
-          acceptance rate, top-p, stop strings, logprobs.
+Left out: choosing γ per sequence from its acceptance rate, top-p, stop strings, logprobs.
 """
 
 from __future__ import annotations
@@ -38,8 +37,9 @@ from collections.abc import Sequence as Seq
 import torch
 
 from effref.inference import speculative as spec
-from effref.models.llama import KVCache, Llama
+from effref.models.llama import Llama
 from effref.serving.blocks import BlockManager
+from effref.serving.drafting import PagedDraft
 from effref.serving.paged_cache import PagedKVCache, RaggedBatch, paged_forward
 from effref.serving.scheduler import Scheduler, Sequence, Step
 
@@ -49,7 +49,8 @@ class Engine:
 
     def __init__(self, model: Llama, num_blocks: int = 256, block_size: int = 16, max_batch: int = 8,
                  max_step_tokens: int = 512, share_prefixes: bool = True, preemption: str = "recompute",
-                 num_cpu_blocks: int = 0, draft: Llama | None = None, gamma: int = 4):
+                 num_cpu_blocks: int = 0, draft: Llama | None = None, gamma: int = 4,
+                 draft_blocks: int | None = None):
         if not isinstance(model, Llama):
             raise TypeError(f"model must be an effref.models.llama.Llama, got {type(model).__name__}; "
                             "convert a transformers model with Llama.from_hf")
@@ -59,8 +60,6 @@ class Engine:
                                 "e.g. effref.inference.drafts.layer_skip_draft(model, 2)")
             spec.check_pair(model, draft)  # same vocabulary
             spec.SpeculativeConfig(gamma=gamma, temperature=0.0)  # validates gamma
-        self.draft, self.gamma = (None if draft is None else draft.eval()), gamma
-        self._draft_caches: dict[int, KVCache] = {}  # request id -> its draft's cache (a prefix of its tokens)
         self.accepted: list[int] = []  # drafts accepted at each verification (one per sequence and step)
         self.drafted: list[int] = []  # drafts proposed at each verification
         self.model = model.eval()
@@ -68,6 +67,11 @@ class Engine:
         self.scheduler = Scheduler(self.manager, max_batch, max_step_tokens, model.cfg.max_seq_len, preemption,
                                    num_cpu_blocks)
         self.cache = PagedKVCache.for_model(model, num_blocks, block_size, num_cpu_blocks)
+        # the draft's pool: the target's, plus γ tokens and one partly filled block for every batch slot
+        if draft_blocks is None:
+            draft_blocks = num_blocks + max_batch * (self.manager.blocks_needed(gamma) + 1)
+        self.drafter = None if draft is None else PagedDraft(draft, draft_blocks, block_size)
+        self.gamma = gamma
         self.steps, self._next_id = 0, 0
         self.temperature, self.top_k = 0.0, None  # set per ``stream`` call
         self._forks: dict[int, int] = {}  # request id -> extra samples still to fork
@@ -113,22 +117,16 @@ class Engine:
     def _propose(self, step: Step) -> tuple[list[list[int]], list[torch.Tensor]]:
         """Draft tokens for every decoding sequence of the step, their slots reserved in its block table, and
         the draft distributions q (n_drafts, vocab) they were drawn from."""
-        drafts: list[list[int]] = []
-        draft_probs: list[torch.Tensor] = []
-        for seq, start in zip(step.seqs, step.starts):
-            n = min(self.gamma, seq.max_new_tokens - len(seq.output) - 1)  # never more than can be emitted
-            if self.draft is None or not seq.output or start != len(seq.tokens) - 1 or n < 1:
-                drafts.append([])  # a prefill or a recomputation: verified next step
-                draft_probs.append(torch.zeros(0))
-                continue
-            cache = self._draft_caches.get(seq.request_id)
-            if cache is None:
-                cache = self._draft_caches[seq.request_id] = self.draft.new_cache(
-                    1, len(seq.prompt) + seq.max_new_tokens)
-            proposed, q, _ = spec.draft_tokens(self.draft, seq.tokens, cache, n, self.temperature, seq.generator,
-                                          top_k=self.top_k)  # q (n, vocab)
+        wanted = [min(self.gamma, seq.max_new_tokens - len(seq.output) - 1)  # never more than can be emitted
+                  if self.drafter and seq.output and start == len(seq.tokens) - 1 else 0  # not a (re)prefill
+                  for seq, start in zip(step.seqs, step.starts)]
+        if not any(n > 0 for n in wanted):
+            return [[] for _ in step.seqs], [torch.zeros(0) for _ in step.seqs]
+        proposed, probs = self.drafter.propose(step.seqs, wanted, self.temperature, self.top_k)
+        drafts = []
+        for seq, tokens in zip(step.seqs, proposed):
             kept = []
-            for token in proposed:
+            for token in tokens:
                 if not self.manager.can_append(seq.table):  # no free block: verify fewer drafts
                     break
                 copy = self.manager.append(seq.table, token)
@@ -136,8 +134,7 @@ class Engine:
                     step.copies.append(copy)
                 kept.append(token)
             drafts.append(kept)
-            draft_probs.append(q[:len(kept)])
-        return drafts, draft_probs
+        return drafts, [q[:len(kept)] for q, kept in zip(probs, drafts)]
 
     def _verify(self, step: Step, rows: list[torch.Tensor], drafts: list[list[int]],
                 draft_probs: list[torch.Tensor]) -> list[list[int]]:
@@ -174,12 +171,8 @@ class Engine:
         before = [len(seq.output) for seq in step.seqs]
         self.scheduler.commit(step, self._verify(step, rows, drafts, draft_probs))
         self.steps += 1
-        for seq in step.seqs:
-            if seq.status == "finished":
-                self._draft_caches.pop(seq.request_id, None)
-            elif seq.request_id in self._draft_caches:  # keep only what matches the committed tokens
-                cache = self._draft_caches[seq.request_id]
-                cache.truncate(min(cache.length, seq.num_computed))
+        if self.drafter is not None:  # rejected drafts out of the draft's tables; finished/preempted ones freed
+            self.drafter.sync(self.scheduler.running)
         return [(seq, token) for seq, n in zip(step.seqs, before) for token in seq.output[n:]]
 
     def speculation_stats(self) -> dict[str, float]:
@@ -203,7 +196,6 @@ class Engine:
         if len(lengths) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(lengths)} entries for {len(prompts)} prompts")
         self.temperature, self.top_k, self._next_id = temperature, top_k, 0
-        self._draft_caches.clear()  # request ids start again at 0
         try:
             for i, (prompt, n) in enumerate(zip(prompts, lengths)):
                 self.add_request(prompt, n, eos_id=eos_id, seed=seed + i if temperature > 0 else None,
@@ -229,7 +221,6 @@ class Engine:
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
         self.temperature, self.top_k, self._next_id = 0.0, None, 0
-        self._draft_caches.clear()
         pending = sorted(requests, key=lambda r: r[0])
         clock, done, i = 0.0, [], 0
         while i < len(pending) or self.scheduler.has_work:

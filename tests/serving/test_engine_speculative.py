@@ -80,13 +80,28 @@ def test_speculative_engine_output_equals_greedy_decoding(model, drafts, request
     assert out == [alone(model, p, n) for p, n in zip(prompts, lengths)]
     plain = Engine(model, num_blocks=num_blocks, block_size=block_size, max_batch=max_batch)
     assert out == plain.generate(prompts, lengths)
-    assert engine.manager.num_free == num_blocks and not engine._draft_caches
+    drafter = engine.drafter
+    assert engine.manager.num_free == num_blocks and not drafter.tables
+    assert drafter.manager.num_free == drafter.manager.allocator.num_blocks  # the draft's pool is whole again
     stats = engine.speculation_stats()
     assert stats["target_steps"] == engine.steps and stats["verifications"] > 0
     if draft == "self":  # a perfect draft: every draft accepted, far fewer target steps
         assert stats["acceptance_rate"] == 1.0 and engine.steps < plain.steps
     if draft == "noisy":  # the rollback path really runs
         assert 0 < stats["acceptance_rate"] < 1
+
+
+@pytest.mark.parametrize("draft_blocks", [3, 6, 12])
+def test_a_small_draft_pool_means_fewer_drafts_not_other_tokens(model, drafts, requests, draft_blocks):
+    prompts, lengths = requests  # prompts of up to 40 tokens: with 4-token blocks some cannot draft at all
+    engine = Engine(model, num_blocks=128, block_size=4, max_batch=7, draft=drafts["self"], gamma=3,
+                    draft_blocks=draft_blocks)
+    checked_steps(engine)
+    out = engine.generate(prompts, lengths)
+    assert out == [alone(model, p, n) for p, n in zip(prompts, lengths)]
+    stats = engine.speculation_stats()  # the draft is the target: a stale draft cache would show as a rejection
+    assert stats["verifications"] > 0 and stats["acceptance_rate"] == 1.0
+    assert engine.drafter.manager.num_free == draft_blocks and not engine.drafter.tables
 
 
 def test_speculation_runs_under_preemption(model, drafts, requests):
