@@ -20,13 +20,12 @@ Glossary: S splits · chunk = tokens per split · o_s, λ_s partial output and l
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 import kernels
-from kernels._runtime import check_device, next_power_of_2, require_triton, tl, triton
+from kernels._runtime import check_device, cuda_sm_count, next_power_of_2, require_triton, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # scores are kept in base 2: e^x = 2^(x·log2 e), and exp2 is the cheaper op
@@ -128,11 +127,6 @@ def combine_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out_dtype: torc
     return out.reshape(*lead, d), lse.reshape(lead)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.device | None = None,
                        sm_count: int | None = None) -> int:
     """Enough programs to fill the GPU (≈ 2 per SM), but no split shorter than MIN_TOKENS_PER_SPLIT tokens.
@@ -144,7 +138,7 @@ def default_num_splits(batch: int, n_kv_heads: int, seq_len: int, device: torch.
     if sm_count is not None:
         sms = sm_count
     elif device is not None and device.type == "cuda":
-        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        sms = cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         sms = 4  # the interpreter: a few programs are cheapest; the heuristic's shape stays the same
     want = math.ceil(2 * sms / max(1, batch * n_kv_heads))  # splits needed to fill the machine

@@ -9,6 +9,7 @@ error that says how to install it.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ def split_k_output(M: int, N: int, split_k: int, like: torch.Tensor) -> torch.Te
     return torch.empty((M, N), dtype=like.dtype, device=like.device)
 
 
+@functools.cache
+def cuda_sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device (cached: the launch heuristics ask on every call)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def decode_split_k(n_tiles: int, k_tiles: int, sm_count: int | None = None) -> int:
     """Programs that share one output tile along K in a memory-bound (decode) matmul.
 
@@ -89,8 +96,7 @@ def decode_split_k(n_tiles: int, k_tiles: int, sm_count: int | None = None) -> i
     that matter when the whole product takes ~10 µs). Otherwise split until there are about four programs per
     SM, never more than one per K tile. ``sm_count`` defaults to the current CUDA device's.
     """
-    sms = sm_count if sm_count is not None else torch.cuda.get_device_properties(
-        torch.cuda.current_device()).multi_processor_count
+    sms = sm_count if sm_count is not None else cuda_sm_count(torch.cuda.current_device())
     if n_tiles >= 2 * sms:
         return 1
     return max(1, min(k_tiles, math.ceil(4 * sms / n_tiles)))
