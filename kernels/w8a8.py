@@ -138,8 +138,13 @@ def w8a8_matmul(x_q: torch.Tensor, w_q: torch.Tensor, x_scale: torch.Tensor, w_s
         cfg = _config(M, N, K)
         _w8a8_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))](*args, **cfg)
     else:
-        _w8a8_autotuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))](*args)
+        _w8a8_autotuned[tile_grid(M, N)](*args)
     return y
+
+
+def tile_grid(M: int, N: int):
+    """The launch grid once the autotuner has picked a tile: one program per (BLOCK_M × BLOCK_N) output tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
 
 def quantize_rows_int8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

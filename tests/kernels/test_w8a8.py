@@ -6,11 +6,13 @@ import pytest
 import torch
 
 import kernels
+import kernels.w8a8 as w8a8_module
 from kernels.w8a8 import (
     BENCHMARK,
     GPU_TILES,
     MAX_K,
     quantize_rows_int8,
+    tile_grid,
     w8a8_bytes,
     w8a8_linear,
     w8a8_matmul,
@@ -151,3 +153,35 @@ def test_kernel_compiles_for_a_hopper_gpu_at_the_largest_autotuned_tile_and_the_
         job | {"constexprs": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128},
                "options": {"num_warps": 4, "num_stages": 3}})
     assert out.count("compiled _w8a8_kernel") == 2
+
+
+@needs_triton
+@pytest.mark.parametrize("tile", GPU_TILES)
+def test_every_autotuning_candidate_computes_the_exact_product(tile):
+    m, n, k, warps, stages = tile
+    x_q, w_q, sx, sw = make(70, 130, 300)  # ragged in every dimension against every tile
+    y = torch.empty(70, 130)
+    w8a8_module._w8a8_kernel[tile_grid(70, 130)({"BLOCK_M": m, "BLOCK_N": n})](
+        x_q, w_q, sx, sw, y, 70, 130, 300, x_q.stride(0), w_q.stride(0), y.stride(0),
+        BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=warps, num_stages=stages)
+    assert torch.equal(y, w8a8_reference(x_q, w_q, sx, sw, torch.float32))
+
+
+@needs_triton
+def test_the_autotuner_times_every_candidate_and_launches_the_fastest(monkeypatch):
+    timed = []
+
+    def fake_bench(kernel_call, quantiles):  # a GPU timer stand-in: the interpreter runs on the CPU
+        kernel_call()
+        timed.append(len(timed))
+        return [float(len(GPU_TILES) - len(timed))] * 3  # the last candidate looks fastest
+
+    tuner = w8a8_module._w8a8_autotuned
+    monkeypatch.setattr(tuner, "_do_bench", fake_bench)
+    monkeypatch.setattr(tuner, "cache", {})
+    x_q, w_q, sx, sw = make(65, 48, 64)
+    y = torch.empty(65, 48)
+    tuner[tile_grid(65, 48)](x_q, w_q, sx, sw, y, 65, 48, 64, x_q.stride(0), w_q.stride(0), y.stride(0))
+    assert len(timed) == len(GPU_TILES)
+    assert tuner.best_config.kwargs["BLOCK_M"] == GPU_TILES[-1][0]
+    assert torch.equal(y, w8a8_reference(x_q, w_q, sx, sw, torch.float32))
