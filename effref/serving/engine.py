@@ -13,16 +13,18 @@ first-token and finish times. Greedy decoding, or sampling (temperature, top-k) 
 stream seeded by ``seed + request index``, so a request's output does not depend on which others share its
 batch. ``n_samples`` > 1 forks a request after its prompt: the samples share the prompt's blocks and copy the
 last, partly filled block on their first write (copy-on-write).
-Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318;
-``draft=``, ``gamma=``): each decoding sequence first gets up to γ draft tokens (never more than its
-remaining tokens − 1, nor than free blocks allow) from ``PagedDraft``, which steps the draft model over all
-drafting sequences at once on a paged cache of its own; their slots are reserved in the sequence's block
-table, and one ragged ``paged_forward`` verifies every sequence's γ+1 positions at once. Each sequence then applies the speculative-sampling rule (``speculative_verify``: accept
-draft i with probability min(1, p_i(x_i)/q_i(x_i)), resample the first rejected one from norm(max(0, p − q)),
-add a bonus token from p_γ+1 when all pass). At temperature 0, p and q are one-hot and the output is
-token-for-token greedy decoding; at temperature T (top-k filtered alike in p and q) each token is distributed
-as when sampling the target alone. ``commit`` caps the tokens at ``max_new_tokens`` / EOS and truncates the
-block table past them, returning whole unneeded blocks. ``speculation_stats`` counts accepted drafts.
+Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318; ``draft=``,
+``gamma=``): each decoding sequence first gets up to γ draft tokens (never more than its remaining tokens − 1,
+nor than free blocks allow) from ``PagedDraft``, which steps the draft model over all drafting sequences at
+once on a paged cache of its own (``draft_blocks`` blocks; by default the target's pool plus room for γ tokens
+per batch slot); their slots are reserved in the sequence's block table, and one ragged ``paged_forward``
+verifies every sequence's γ+1 positions at once. Each sequence then applies the speculative-sampling rule
+(``speculative_verify``: accept draft i with probability min(1, p_i(x_i)/q_i(x_i)), resample the first rejected
+one from norm(max(0, p − q)), add a bonus token from p_γ+1 when all pass). At temperature 0, p and q are
+one-hot and the output is token-for-token greedy decoding; at temperature T (top-k filtered alike in p and q)
+each token is distributed as when sampling the target alone. ``commit`` caps the tokens at ``max_new_tokens`` /
+EOS and truncates the block table past them, returning whole unneeded blocks. ``speculation_stats`` counts
+accepted drafts.
 Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma`` · p, q
           target and draft next-token distributions at the drafted positions.
 Left out: choosing γ per sequence from its acceptance rate, top-p, stop strings, logprobs.
