@@ -268,6 +268,16 @@ def test_cli_status_runs_as_a_module(tmp_path):
     assert rows == {"smollm2-135m": "no", "austen": "no"}
 
 
+def test_cli_module_fetch_failure_is_a_message_not_a_traceback(tmp_path):
+    # Under `python -m` this file runs as __main__, while the builders (effref.asset_builders) raise the
+    # AssetMissingError of the imported effref.assets: main() must still catch it.
+    env = {**os.environ, "EFFREF_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path)}  # no apt-get
+    run = subprocess.run([sys.executable, "-m", "effref.assets", "fetch", "austen"], check=False,
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "`apt-get` is not available" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_cli_path_prints_the_cache(empty_cache, capsys):
     assert assets.main(["path"]) == 0
     assert capsys.readouterr().out.strip() == str(empty_cache)
