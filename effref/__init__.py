@@ -3,7 +3,7 @@
 One readable module per technique of the survey *Efficient Large Language Models* (Wan et al.), written from
 scratch in PyTorch, plus the lab bench every chapter measures on: a real pretrained model (``effref.models``),
 real text (``effref.data``), the assets they come from (``effref.assets``) and the measurements
-(``effref.eval``).
+(``effref.eval`` for quality and speed, ``effref.memory`` for bytes).
 """
 
 # Settle Triton's interpreter switch before anything (transformers, via load_model) imports triton: a triton
