@@ -2,7 +2,7 @@
 
 Every chapter reports its numbers through this module, so the protocols below are the ones the book cites.
 Models may be transformers causal LMs (``model(ids).logits``) or our own ``effref.models.llama.Llama``
-(``model(ids)`` is the logits tensor); ``_logits`` and ``_generate`` hide the difference. Peak memory and
+(``model(ids)`` is the logits tensor); ``forward_logits`` and ``greedy_generate`` hide the difference. Peak memory and
 model size are measured by ``effref.memory`` (its docstring gives that protocol); its public names are
 re-exported here, so ``from effref.eval import track_memory, model_size_bytes`` works as before.
 
@@ -49,7 +49,6 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -59,68 +58,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from effref.memory import MemoryReport, bits_per_parameter, model_size_bytes, parameter_count, track_memory
+from effref.models.calls import forward_logits, greedy_generate, model_device, synchronize
 from effref.runtime import progress_bar
 
 # MemoryReport, bits_per_parameter, model_size_bytes, parameter_count and track_memory live in effref.memory.
 __all__ = ["GenerationResult", "MemoryReport", "PerplexityResult", "bits_per_parameter", "measure_generation",
            "model_size_bytes", "parameter_count", "perplexity", "track_memory"]
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Two model interfaces, one call
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model without tensors."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _is_hf(model: nn.Module) -> bool:
-    """True for a transformers model that can generate (checked without importing transformers)."""
-    transformers = sys.modules.get("transformers")
-    return transformers is not None and isinstance(model, transformers.GenerationMixin)
-
-
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, T, V) for ids (B, T), whether the model returns a tensor or an object with ``.logits``."""
-    out = model(ids, use_cache=False) if _is_hf(model) else model(ids)
-    if isinstance(out, torch.Tensor):
-        return out  # (B, T, V)
-    if hasattr(out, "logits"):
-        return out.logits  # (B, T, V)
-    raise TypeError(f"model returned {type(out).__name__}; expected a logits tensor or an object with "
-                    ".logits (a transformers causal LM or effref.models.llama.Llama)")
-
-
-def _generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy continuation of ids (B, T) by exactly ``new_tokens`` tokens: (B, T + new_tokens)."""
-    if _is_hf(model):
-        mask = torch.ones_like(ids)  # (B, T): no padding, said explicitly to silence the warning
-        pad = model.generation_config.pad_token_id
-        if pad is None:
-            pad = model.generation_config.eos_token_id
-        if isinstance(pad, list):
-            pad = pad[0] if pad else None
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=pad if pad is not None else 0)
-    else:
-        out = model.generate(ids, new_tokens, temperature=0.0)
-    if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
-        raise RuntimeError(f"generate returned shape {tuple(out.shape)}, expected "
-                           f"{(ids.shape[0], ids.shape[1] + new_tokens)}; did it stop early at an EOS token?")
-    return out  # (B, T + new_tokens)
-
-
-def _sync(device: torch.device) -> None:
-    """Wait for queued device work, so that a timer reads the time the work really took."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -190,7 +133,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
     bos = bos_id is not None
     shift = int(bos)  # content token j sits at input position j + shift
     later_start = max(window - stride, 1 - shift)  # first scored content position in windows k >= 1
-    device = _model_device(model)
+    device = model_device(model)
     total_nll, scored = 0.0, 0
     position_nll = torch.zeros(window, dtype=torch.float64)  # (W,) summed over windows
     position_count = torch.zeros(window, dtype=torch.float64)  # (W,)
@@ -205,7 +148,7 @@ def perplexity(model: nn.Module, ids: torch.Tensor, window: int = 512, stride: i
                 inputs = batch.long()  # (b, W)
                 if bos:
                     inputs = F.pad(inputs, (1, 0), value=bos_id)  # (b, W + 1)
-                logits = _logits(model, inputs)  # (b, W(+1), V)
+                logits = forward_logits(model, inputs)  # (b, W(+1), V)
                 # The prediction for the token at input position i is the logit row i - 1.
                 for row, k in enumerate(ks):
                     start = 1 - shift if k == 0 else later_start
@@ -271,7 +214,7 @@ def measure_generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: i
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup={warmup}, repeats={repeats}: need warmup >= 0 and repeats >= 1")
 
-    device = _model_device(model)
+    device = model_device(model)
     prompt = prompt_ids.long().to(device)  # (B, T)
     B, T = prompt.shape
     prefills, totals = [], []
@@ -280,15 +223,15 @@ def measure_generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: i
     try:
         with torch.inference_mode():
             for _ in range(warmup):
-                _generate(model, prompt, new_tokens)
+                greedy_generate(model, prompt, new_tokens)
             for _ in range(repeats):
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
-                _logits(model, prompt)  # the prefill alone: (B, T, V)
-                _sync(device)
+                forward_logits(model, prompt)  # the prefill alone: (B, T, V)
+                synchronize(device)
                 t1 = time.perf_counter()
-                out = _generate(model, prompt, new_tokens)  # (B, T + new_tokens)
-                _sync(device)
+                out = greedy_generate(model, prompt, new_tokens)  # (B, T + new_tokens)
+                synchronize(device)
                 t2 = time.perf_counter()
                 prefills.append(t1 - t0)
                 totals.append(t2 - t1)

@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effref.eval import MemoryReport, _is_hf, _model_device, model_size_bytes, parameter_count, track_memory
+from effref.memory import MemoryReport, model_size_bytes, parameter_count, track_memory
+from effref.models.calls import is_transformers_model, model_device
 from effref.runtime import progress_bar
 
 # file stem of the janeaustenr asset -> (title, verbaliser)
@@ -161,7 +162,7 @@ def last_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """
     if ids.is_floating_point():
         out = model(inputs_embeds=ids, use_cache=False, logits_to_keep=1)
-    elif _is_hf(model) or getattr(model, "supports_logits_to_keep", False):
+    elif is_transformers_model(model) or getattr(model, "supports_logits_to_keep", False):
         out = model(input_ids=ids, use_cache=False, logits_to_keep=1)
     else:
         out = model(ids)
@@ -189,7 +190,7 @@ def class_scores(model: nn.Module, task: NovelTask, split: str = "test",
     if split not in ("train", "test"):
         raise ValueError(f"split={split!r} must be 'train' or 'test'")
     ids, labels = (task.test_ids, task.test_labels) if split == "test" else (task.train_ids, task.train_labels)
-    device, was_training = _model_device(model), model.training
+    device, was_training = model_device(model), model.training
     model.eval()
     scores = []
     try:
@@ -222,12 +223,12 @@ def split_top_layers(model: nn.Module, task: NovelTask, n_top: int, batch_size: 
     """
     from transformers import LlamaForCausalLM
 
-    if not _is_hf(model) or not hasattr(model, "model") or not hasattr(model.model, "layers"):
+    if not is_transformers_model(model) or not hasattr(model, "model") or not hasattr(model.model, "layers"):
         raise TypeError(f"split_top_layers needs a transformers LlamaForCausalLM, got {type(model).__name__}")
     n_layers = len(model.model.layers)
     if not 1 <= n_top <= n_layers:
         raise ValueError(f"n_top={n_top} must be in [1, {n_layers}] (the model's layers)")
-    inner, device = model.model, _model_device(model)
+    inner, device = model.model, model_device(model)
     saved = inner.layers, inner.norm
     inner.layers, inner.norm = nn.ModuleList(saved[0][:n_layers - n_top]), nn.Identity()
     try:
@@ -302,7 +303,7 @@ def train(model: nn.Module, task: NovelTask, steps: int, lr: float, batch_size: 
         raise ValueError("model has no parameter with requires_grad=True; apply a PEFT method or unfreeze layers")
     if update is not None and regulariser is not None:
         raise ValueError("regulariser= needs backpropagation; a forward-only update= cannot add it")
-    device = _model_device(model)
+    device = model_device(model)
     opt = _make_optimizer(optimizer, params, lr, weight_decay) if update is None else None
     generator = torch.Generator().manual_seed(seed)
     n, T = task.train_ids.shape[:2]

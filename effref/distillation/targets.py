@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.eval import _logits, _model_device
+from effref.models.calls import forward_logits, model_device
 from effref.runtime import progress_bar
 
 
@@ -67,12 +67,12 @@ def cache_teacher_targets(teacher: nn.Module, data: torch.Tensor, k: int = 32, b
                          f"{data.dtype}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k={k!r} must be a positive integer such as 32 (tokens kept per position)")
-    device = _model_device(teacher)
+    device = model_device(teacher)
     chunks_lp, chunks_ix, vocab = [], [], None
     was_training = teacher.training
     teacher.eval()
     for start in progress_bar(range(0, len(data), batch_size), desc="teacher targets", disable=not progress):
-        logits = _logits(teacher, data[start:start + batch_size, :-1].to(device)).float()  # (b, L, V)
+        logits = forward_logits(teacher, data[start:start + batch_size, :-1].to(device)).float()  # (b, L, V)
         vocab = logits.shape[-1]
         if k > vocab:
             raise ValueError(f"k={k} exceeds the teacher's vocabulary size {vocab}; use a smaller k")
@@ -99,7 +99,7 @@ def teacher_generations(teacher: nn.Module, prompts: torch.Tensor, new_tokens: i
     if not hasattr(teacher, "generate") or not hasattr(teacher, "new_cache"):
         raise TypeError(f"teacher must be an effref Llama (load_model(..., impl='effref')), "
                         f"got {type(teacher).__name__}")
-    device = _model_device(teacher)
+    device = model_device(teacher)
     generator = torch.Generator(device=device).manual_seed(seed)
     out = []
     for start in progress_bar(range(0, len(prompts), batch_size), desc="teacher text", disable=not progress):

@@ -30,7 +30,7 @@ from torch import nn
 
 from effref.distillation.losses import DIVERGENCES, check_vocab, sequence_nll
 from effref.distillation.targets import TeacherTargets
-from effref.eval import _logits, _model_device
+from effref.models.calls import forward_logits, model_device
 from effref.runtime import progress_bar
 
 OBJECTIVES = ("supervised", "forward_kl", "reverse_kl", "gkd", "seq_kd")
@@ -132,7 +132,7 @@ def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data
     """
     cfg = DistillConfig() if config is None else config
     _check(student, teacher, data, weights, cfg, cached)
-    device = _model_device(student)
+    device = model_device(student)
     generator = torch.Generator().manual_seed(cfg.seed)
     sampler = sampler or _default_sampler(cfg.sample_temperature, torch.Generator(device).manual_seed(cfg.seed))
     N, L = data.shape
@@ -167,7 +167,7 @@ def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data
                 target = cache.dense(rows, device)  # (b, L - 1, V) log-probs, valid as logits
             else:
                 with torch.no_grad():
-                    target = _logits(teacher, ids[:, :-1])  # (b, L - 1, V)
+                    target = forward_logits(teacher, ids[:, :-1])  # (b, L - 1, V)
                 result.teacher_calls += 1
             divergence = DIVERGENCES["gjsd" if cfg.objective == "gkd" else cfg.objective]
             extra = {"beta": cfg.beta} if cfg.objective == "gkd" else {}

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.eval import _is_hf
+from effref.models.calls import is_transformers_model
 from effref.peft.core import freeze_base
 
 
@@ -43,7 +43,7 @@ class PrefixConfig:
 
 def attention_shape(model: nn.Module) -> tuple[int, int, int]:
     """(layers, key/value heads, head width) of a transformers LLaMA-like model or of our Llama."""
-    if _is_hf(model):
+    if is_transformers_model(model):
         c = model.config
         return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or \
             c.hidden_size // c.num_attention_heads
@@ -98,7 +98,7 @@ class PrefixModel(nn.Module):
                 inputs_embeds: torch.Tensor | None = None, **unused) -> torch.Tensor:
         B, T = (input_ids if inputs_embeds is None else inputs_embeds).shape[:2]
         prefixes = self.prefixes(B)
-        if _is_hf(self.model):
+        if is_transformers_model(self.model):
             from transformers import DynamicCache
 
             cache = DynamicCache(ddp_cache_data=prefixes, config=self.model.config)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.eval import _is_hf
+from effref.models.calls import is_transformers_model
 from effref.peft.core import freeze_base
 
 INITS = ("vocab", "text", "random")
@@ -60,7 +60,7 @@ def input_embeddings(model: nn.Module) -> nn.Embedding:
 
 def forward_embeddings(model: nn.Module, embeds: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
     """Logits (B, T or keep, V) of ``model`` for input embeddings (B, T, d) instead of token ids."""
-    if _is_hf(model):
+    if is_transformers_model(model):
         return model(inputs_embeds=embeds, use_cache=False, logits_to_keep=logits_to_keep).logits
     if hasattr(model, "blocks") and hasattr(model, "rope_cos"):  # effref.models.llama.Llama, run block by block
         T = embeds.shape[1]

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effref.eval import _logits
+from effref.models.calls import forward_logits
 from effref.peft.core import replace_module
 from effref.peft.lora import LoraConfig, apply_lora, lora_layers, merge_lora
 from effref.runtime import progress_bar
@@ -23,7 +23,7 @@ from effref.runtime import progress_bar
 
 def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` (B, T) under ``model`` (either model class)."""
-    logits = _logits(model, batch)  # (B, T, V)
+    logits = forward_logits(model, batch)  # (B, T, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays fp64
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
