@@ -14,10 +14,10 @@ yields (1 − α^(γ+1)) / (1 − α) tokens on average (Leviathan Eq. 1); with 
 wall-clock gain is that divided by (γc + 1) (Theorem 3.8).
 Glossary: p target distribution · q draft distribution · γ ``gamma`` · α acceptance rate · β = Σ min(p, q) one
           position's overlap · n accepted drafts · c ``cost_ratio`` · T ``temperature``.
-Top-k: ``token_probs`` applies the same filter to p and q, so the rule then reproduces the top-k-filtered
-target (the serving engine's speculative sampling uses this). Left out: top-p, batches here (each sequence
-accepts a different n; effref.serving.Engine verifies a batch in one ragged pass), and choosing γ from the
-cost model (the chapter sweeps it).
+Top-k / top-p: ``token_probs`` applies the same filters to p and q, so the rule then reproduces the filtered
+target (the serving engine's speculative sampling uses this, through ``Sampling``). Left out: batches here
+(each sequence accepts a different n; effref.serving.Engine verifies a batch in one ragged pass), and
+choosing γ from the cost model (the chapter sweeps it).
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ class SpeculativeConfig:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
 
 
-def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
+def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
     """Next-token distribution(s) (..., V) in float32: softmax(logits / T), or one-hot argmax when T == 0.
 
-    ``top_k`` keeps the k largest logits of each row (ties with the k-th included) and renormalises.
+    ``top_k`` keeps the k largest logits of each row (ties with the k-th included); ``top_p`` then keeps the
+    smallest set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et al. 2020,
+    arXiv:1904.09751); what is kept is renormalised.
     """
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
@@ -56,7 +59,36 @@ def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = No
     if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (..., 1) k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)  # (..., V)
+    if top_p is not None:
+        sorted_probs, order = probs.sort(-1, descending=True)  # (..., V)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # (..., V) mass of the more likely tokens
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, before >= top_p)  # never the first
+        probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (``temperature`` 0), or sampled with optional top-k / top-p."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 = greedy)")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p={self.top_p!r} must lie in (0, 1], or None to keep every token")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """The distribution(s) (..., V) tokens are drawn from: ``token_probs`` with these settings."""
+        return token_probs(logits, self.temperature, self.top_k, self.top_p)
 
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
@@ -101,7 +133,7 @@ class SpeculativeState:
 
 
 def draft_tokens(draft: Llama, tokens: list[int], cache: KVCache, n: int, temperature: float = 0.0,
-                 generator: torch.Generator | None = None, min_confidence: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, min_confidence: float = 0.0,
                  ) -> tuple[list[int], torch.Tensor, int]:
     """Draft up to ``n`` tokens after ``tokens`` (the cache holds a prefix of them; the rest are fed first).
 
@@ -116,7 +148,7 @@ def draft_tokens(draft: Llama, tokens: list[int], cache: KVCache, n: int, temper
         calls += 1
         if min_confidence > 0 and float(logits.float().softmax(-1).max()) < min_confidence:
             break
-        q = token_probs(logits, temperature, top_k).cpu()  # (V,)
+        q = token_probs(logits, temperature).cpu()  # (V,)
         x = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
         drafted.append(x)
         rows.append(q)

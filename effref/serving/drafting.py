@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from effref.inference.speculative import token_probs
+from effref.inference.speculative import Sampling
 from effref.models.llama import Llama
 from effref.serving.blocks import BlockManager, BlockTable
 from effref.serving.paged_cache import PagedKVCache, RaggedBatch, paged_forward
@@ -60,7 +60,7 @@ class PagedDraft:
         return start
 
     @torch.no_grad()
-    def propose(self, seqs: list[Sequence], wanted: list[int], temperature: float, top_k: int | None = None,
+    def propose(self, seqs: list[Sequence], wanted: list[int], sampling: Sampling,
                 ) -> tuple[list[list[int]], list[torch.Tensor]]:
         """Up to ``wanted[i]`` draft tokens after ``seqs[i].tokens`` and their distributions q (n_i, vocab)."""
         drafts: list[list[int]] = [[] for _ in seqs]
@@ -85,8 +85,8 @@ class PagedDraft:
             logits = paged_forward(self.model, self.cache, batch)  # (len(order), vocab)
             feed = {}
             for i, row in zip(order, logits):
-                q = token_probs(row, temperature, top_k).cpu()  # (vocab,)
-                x = int(q.argmax()) if temperature == 0 else int(
+                q = sampling.probs(row).cpu()  # (vocab,)
+                x = int(q.argmax()) if sampling.temperature == 0 else int(
                     torch.multinomial(q, 1, generator=seqs[i].generator))
                 drafts[i].append(x)
                 rows[i].append(q)

@@ -3,16 +3,16 @@
 Papers: Kwon et al. (2023), "Efficient Memory Management for Large Language Model Serving with PagedAttention",
 arXiv:2309.06180 (vLLM) — §4; Yu, Jeong, Kim, Kim, Chun (2022), "Orca: A Distributed Serving System for
 Transformer-Based Generative Models", OSDI '22 — §4.
-Implements: the loop  schedule → copy swapped blocks out to / in from CPU memory and apply copy-on-write
-copies → one ragged forward over every scheduled sequence's new tokens (``paged_forward``) → pick each
-sequence's next token → commit (finished sequences free their blocks at once). Preemption is by recomputation
-(default) or by swapping (``preemption="swap"``, ``num_cpu_blocks``). ``generate`` returns each request's new
-tokens, ``stream`` yields (request index, token) as soon as a token exists, ``serve`` replays a timed trace on a
-clock that advances by the measured wall time of each step (jumping over idle gaps) and records each request's
-first-token and finish times. Greedy decoding, or sampling (temperature, top-k) from a per-request random
-stream seeded by ``seed + request index``, so a request's output does not depend on which others share its
-batch. ``n_samples`` > 1 forks a request after its prompt: the samples share the prompt's blocks and copy the
-last, partly filled block on their first write (copy-on-write).
+Implements: the loop schedule → copy swapped blocks out to / in from CPU memory and apply copy-on-write copies
+→ one ragged forward over every scheduled sequence's new tokens (``paged_forward``) → pick each sequence's next
+token → commit (finished sequences free their blocks at once). Preemption is by recomputation (default) or by
+swapping (``preemption="swap"``, ``num_cpu_blocks``). ``generate`` returns each request's new tokens,
+``stream`` yields (request index, token) as soon as a token exists, ``serve`` replays a timed trace on a clock
+that advances by the measured wall time of each step (jumping over idle gaps) and records each request's
+first-token and finish times. Greedy decoding, or sampling (temperature, top-k, top-p) from a per-request
+random stream seeded by ``seed + request index``, so a request's output does not depend on which others share
+its batch. ``n_samples`` > 1 forks a request after its prompt: the samples share the prompt's blocks and copy
+the last, partly filled block on their first write (copy-on-write).
 Speculative decoding (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318; ``draft=``,
 ``gamma=``): each decoding sequence first gets up to γ draft tokens (never more than its remaining tokens − 1,
 nor than free blocks allow) from ``PagedDraft``, which steps the draft model over all drafting sequences at
@@ -21,13 +21,13 @@ per batch slot); their slots are reserved in the sequence's block table, and one
 verifies every sequence's γ+1 positions at once. Each sequence then applies the speculative-sampling rule
 (``speculative_verify``: accept draft i with probability min(1, p_i(x_i)/q_i(x_i)), resample the first rejected
 one from norm(max(0, p − q)), add a bonus token from p_γ+1 when all pass). At temperature 0, p and q are
-one-hot and the output is token-for-token greedy decoding; at temperature T (top-k filtered alike in p and q)
-each token is distributed as when sampling the target alone. ``commit`` caps the tokens at ``max_new_tokens`` /
-EOS and truncates the block table past them, returning whole unneeded blocks. ``speculation_stats`` counts
-accepted drafts.
+one-hot and the output is token-for-token greedy decoding; at temperature T (top-k / top-p filtered alike in p
+and q) each token is distributed as when sampling the target alone. ``commit`` caps the tokens at
+``max_new_tokens`` / EOS and truncates the block table past them, returning whole unneeded blocks.
+``speculation_stats`` counts accepted drafts.
 Glossary: step = one model iteration (one target call) · clock = serving time in seconds · γ ``gamma`` · p, q
           target and draft next-token distributions at the drafted positions.
-Left out: choosing γ per sequence from its acceptance rate, top-p, stop strings, logprobs.
+Left out: choosing γ per sequence from its acceptance rate, stop strings, logprobs.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Engine:
         self.drafter = None if draft is None else PagedDraft(draft, draft_blocks, block_size)
         self.gamma = gamma
         self.steps, self._next_id = 0, 0
-        self.temperature, self.top_k = 0.0, None  # set per ``stream`` call
+        self.sampling = spec.Sampling()  # greedy; set per ``stream`` call
         self._forks: dict[int, int] = {}  # request id -> extra samples still to fork
 
     def add_request(self, prompt: Seq[int] | torch.Tensor, max_new_tokens: int, arrival: float = 0.0,
@@ -93,9 +93,9 @@ class Engine:
         return seq
 
     def _pick(self, logits: torch.Tensor, seq: Sequence) -> int:
-        if self.temperature == 0:
+        if self.sampling.temperature == 0:
             return int(logits.argmax())
-        probs = spec.token_probs(logits, self.temperature, self.top_k).cpu()  # (vocab,)
+        probs = self.sampling.probs(logits).cpu()  # (vocab,)
         return int(torch.multinomial(probs, 1, generator=seq.generator))
 
     def _fork(self, step: Step, logits: list[torch.Tensor], drafts: list[list[int]],
@@ -124,7 +124,7 @@ class Engine:
                   for seq, start in zip(step.seqs, step.starts)]
         if not any(n > 0 for n in wanted):
             return [[] for _ in step.seqs], [torch.zeros(0) for _ in step.seqs]
-        proposed, probs = self.drafter.propose(step.seqs, wanted, self.temperature, self.top_k)
+        proposed, probs = self.drafter.propose(step.seqs, wanted, self.sampling)
         drafts = []
         for seq, tokens in zip(step.seqs, proposed):
             kept = []
@@ -146,7 +146,7 @@ class Engine:
             if not drafted:
                 new.append([self._pick(logits[-1], seq)])
                 continue
-            p = spec.token_probs(logits, self.temperature, self.top_k)  # (len(drafted) + 1, vocab)
+            p = self.sampling.probs(logits)  # (len(drafted) + 1, vocab)
             n, token = spec.speculative_verify(p, q, torch.tensor(drafted), seq.generator)
             new.append(drafted[:n] + [token])
             self.accepted.append(n)
@@ -187,17 +187,17 @@ class Engine:
 
     def stream(self, prompts: Seq, max_new_tokens: int | Seq[int], temperature: float = 0.0,
                top_k: int | None = None, seed: int = 0, eos_id: int | None = None,
-               n_samples: int = 1) -> Iterator[tuple[int, int]]:
+               n_samples: int = 1, top_p: float | None = None) -> Iterator[tuple[int, int]]:
         """Yield (request id, token) pairs as they are produced; request ids are 0.. in ``prompts`` order
-        (forked samples get the ids after them)."""
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"temperature={temperature}, top_k={top_k}: need temperature >= 0, top_k >= 1")
+        (forked samples get the ids after them). ``temperature`` 0 is greedy; otherwise tokens are sampled,
+        after keeping the ``top_k`` most likely and then the ``top_p`` nucleus when they are given."""
+        sampling = spec.Sampling(temperature, top_k, top_p)  # validates them
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
         lengths = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(lengths) != len(prompts):
             raise ValueError(f"max_new_tokens has {len(lengths)} entries for {len(prompts)} prompts")
-        self.temperature, self.top_k, self._next_id = temperature, top_k, 0
+        self.sampling, self._next_id = sampling, 0
         try:
             for i, (prompt, n) in enumerate(zip(prompts, lengths)):
                 self.add_request(prompt, n, eos_id=eos_id, seed=seed + i if temperature > 0 else None,
@@ -222,7 +222,7 @@ class Engine:
         with ``first_token_time`` and ``finish_time`` on the serving clock."""
         if self.scheduler.has_work:
             raise RuntimeError("the engine is still serving other requests; finish them before a new call")
-        self.temperature, self.top_k, self._next_id = 0.0, None, 0
+        self.sampling, self._next_id = spec.Sampling(), 0
         pending = sorted(requests, key=lambda r: r[0])
         clock, done, i = 0.0, [], 0
         while i < len(pending) or self.scheduler.has_work:

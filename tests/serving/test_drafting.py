@@ -5,6 +5,7 @@ committed tokens."""
 import pytest
 import torch
 
+from effref.inference.speculative import Sampling
 from effref.models import load_model
 from effref.serving.drafting import PagedDraft
 from effref.serving.scheduler import Sequence
@@ -38,7 +39,7 @@ def test_greedy_proposals_equal_the_draft_models_own_greedy_decoding(model):
     drafter = PagedDraft(model, num_blocks=64, block_size=4)
     seqs = [running(i, p, [7]) for i, p in enumerate(prompts())]
     wanted = [1, 4, 0, 3]
-    drafts, q = drafter.propose(seqs, wanted, temperature=0.0)
+    drafts, q = drafter.propose(seqs, wanted, Sampling())
     for seq, n, got, rows in zip(seqs, wanted, drafts, q):
         ref = model.generate(torch.tensor([seq.tokens]), n)[0, len(seq.tokens):].tolist() if n else []
         assert got == ref and rows.shape[0] == n
@@ -47,7 +48,7 @@ def test_greedy_proposals_equal_the_draft_models_own_greedy_decoding(model):
         seq.output += got[:1] + [5]
         seq.num_computed = len(seq.tokens) - 1
     drafter.sync(seqs)
-    drafts, _ = drafter.propose(seqs, [2] * 4, temperature=0.0)
+    drafts, _ = drafter.propose(seqs, [2] * 4, Sampling())
     for seq, got in zip(seqs, drafts):
         assert got == model.generate(torch.tensor([seq.tokens]), 2)[0, len(seq.tokens):].tolist()
 
@@ -57,7 +58,7 @@ def test_sampled_proposals_come_with_the_draft_distribution_they_were_drawn_from
     seqs = [running(i, p, [3]) for i, p in enumerate(prompts())]
     for i, seq in enumerate(seqs):
         seq.generator = torch.Generator().manual_seed(i)
-    drafts, q = drafter.propose(seqs, [3] * 4, temperature=0.7, top_k=20)
+    drafts, q = drafter.propose(seqs, [3] * 4, Sampling(temperature=0.7, top_k=20))
     for seq, got, rows in zip(seqs, drafts, q):
         for j, token in enumerate(got):
             logits = model(torch.tensor([seq.tokens + got[:j]]))[0, -1] / 0.7  # (vocab,)
@@ -70,20 +71,20 @@ def test_sampled_proposals_come_with_the_draft_distribution_they_were_drawn_from
 def test_a_full_pool_leaves_the_table_as_it_was(model):
     drafter = PagedDraft(model, num_blocks=2, block_size=4)
     seq = running(0, [1, 2, 3, 4, 5, 6], [7])  # 7 tokens: both blocks after the first round
-    drafts, _ = drafter.propose([seq], [1], temperature=0.0)
+    drafts, _ = drafter.propose([seq], [1], Sampling())
     table = drafter.tables[0]
     assert len(drafts[0]) == 1 and table.num_tokens == 7 and drafter.manager.num_free == 0
     seq.output += [drafts[0][0], 9]  # two tokens to feed next, only one slot left: nothing is reserved
     seq.num_computed = len(seq.tokens) - 1
     drafter.sync([seq])
-    drafts, _ = drafter.propose([seq], [2], temperature=0.0)
+    drafts, _ = drafter.propose([seq], [2], Sampling())
     assert drafts == [[]] and table.tokens == seq.tokens[:7]  # the slot of the first one is given back too
 
 
 def test_sync_keeps_committed_tokens_and_frees_sequences_that_stopped_running(model):
     drafter = PagedDraft(model, num_blocks=32, block_size=4)
     a, b = running(0, prompts()[1], [1]), running(1, prompts()[2], [2])
-    drafts, _ = drafter.propose([a, b], [3, 3], temperature=0.0)
+    drafts, _ = drafter.propose([a, b], [3, 3], Sampling())
     a.output += [drafts[0][0], 11]  # one draft accepted, then the target's own token
     a.num_computed = len(a.tokens) - 1
     drafter.sync([a])  # b finished or was preempted

@@ -149,6 +149,8 @@ def test_serve_and_stream_with_a_draft(model, drafts, requests):
      ValueError, "draft vocab_size=128 differs from target vocab_size=256"),
     (lambda m: Engine(m, draft=torch.nn.Linear(2, 2)), TypeError, "layer_skip_draft"),
     (lambda m: Engine(m, draft=m).generate([[1, 2]], 3, temperature=0.7, top_k=0), ValueError, "top_k=0"),
+    (lambda m: Engine(m, draft=m).generate([[1, 2]], 3, temperature=0.7, top_p=0.0), ValueError, "top_p=0.0"),
+    (lambda m: Engine(m).generate([[1, 2]], 3, temperature=0.7, top_p=1.5), ValueError, r"top_p=1.5 must lie in \(0, 1\]"),
 ])
 def test_bad_speculative_arguments_are_reported(model, call, error, message):
     with pytest.raises(error, match=message):
@@ -167,24 +169,31 @@ def small_vocab_model(seed: int) -> Llama:
     return m
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None) -> torch.Tensor:
-    """softmax(logits / T) with all but the k most likely tokens zeroed, row by row: written out for the test."""
-    probs = (logits.double() / temperature).softmax(-1)  # (..., V)
-    if top_k is not None:
-        ranks = probs.argsort(-1, descending=True).argsort(-1)  # (..., V) 0 for the most likely token
-        probs = torch.where(ranks < top_k, probs, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None = None,
+                   ) -> torch.Tensor:
+    """softmax(logits / T), keeping the k most likely tokens, then the fewest most likely whose mass reaches p:
+    written out row by row with a loop, independently of token_probs."""
+    probs = (logits.double() / temperature).softmax(-1)  # (R, V)
+    out = torch.zeros_like(probs)
+    for r, row in enumerate(probs):
+        order = row.argsort(descending=True).tolist()[:top_k or len(row)]
+        kept, mass = [], row[order].sum()
+        for i in order:  # most likely first
+            if top_p is not None and kept and sum(row[j] for j in kept) / mass >= top_p:
+                break
+            kept.append(i)
+        out[r, kept] = row[kept] / row[kept].sum()
+    return out
 
 
 @torch.no_grad()
-def exact_marginals(model: Llama, prompt: list[int], n_new: int, temperature: float, top_k: int | None
-                    ) -> list[torch.Tensor]:
+def exact_marginals(model: Llama, prompt: list[int], n_new: int, temperature: float, top_k: int | None,
+                    top_p: float | None = None) -> list[torch.Tensor]:
     """P(x_t = v) for t = 1..n_new when sampling ``model`` alone: enumerate every prefix (V^(t−1) of them)."""
     V = model.cfg.vocab_size
     prefixes, weight, marginals = torch.tensor([prompt]), torch.ones(1, dtype=torch.float64), []
     for _ in range(n_new):
-        probs = filtered_probs(model(prefixes)[:, -1], temperature, top_k)  # (prefixes, V)
+        probs = filtered_probs(model(prefixes)[:, -1], temperature, top_k, top_p)  # (prefixes, V)
         joint = weight[:, None] * probs  # (prefixes, V) P(prefix, next token)
         marginals.append(joint.sum(0))
         prefixes = torch.cat([prefixes.repeat_interleave(V, 0), torch.arange(V).repeat(len(prefixes))[:, None]], 1)
@@ -203,16 +212,17 @@ def chi_square_p(tokens: list[int], probs: torch.Tensor) -> float:
     return chisquare(counts[support].numpy(), expected.numpy()).pvalue
 
 
-@pytest.mark.parametrize("top_k", [None, 4])
-def test_speculative_sampling_in_the_engine_follows_the_target_distribution(top_k):
+@pytest.mark.parametrize("top_k, top_p", [(None, None), (4, None), (None, 0.7)])
+def test_speculative_sampling_in_the_engine_follows_the_target_distribution(top_k, top_p):
     target, draft = small_vocab_model(0), small_vocab_model(1)
     prompt, n_new, n_requests, temperature = [1, 2, 3], 4, 1500, 1.0
     engine = Engine(target, num_blocks=256, block_size=4, max_batch=64, draft=draft, gamma=3)
-    out = engine.generate([prompt] * n_requests, n_new, temperature=temperature, top_k=top_k, seed=0)
-    exact = exact_marginals(target, prompt, n_new, temperature, top_k)
+    out = engine.generate([prompt] * n_requests, n_new, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=0)
+    exact = exact_marginals(target, prompt, n_new, temperature, top_k, top_p)
     for t in range(1, n_new):  # position 0 comes from the prefill's plain sample; the rest from verification
         assert chi_square_p([o[t] for o in out], exact[t]) > 1e-3, f"position {t}"
-    wrong = exact_marginals(draft, prompt, n_new, temperature, top_k)[1]
+    wrong = exact_marginals(draft, prompt, n_new, temperature, top_k, top_p)[1]
     assert chi_square_p([o[1] for o in exact_samples(wrong, n_requests)], exact[1]) < 1e-3  # the test has power
     stats = engine.speculation_stats()
     assert 0.2 < stats["acceptance_rate"] < 0.95, stats  # drafts are both accepted and rejected: both paths run
