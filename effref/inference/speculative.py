@@ -90,6 +90,13 @@ class Sampling:
         """The distribution(s) (..., V) tokens are drawn from: ``token_probs`` with these settings."""
         return token_probs(logits, self.temperature, self.top_k, self.top_p)
 
+    def draw(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> tuple[int, torch.Tensor]:
+        """One token for ``logits`` (V,), and the distribution (V,) on the CPU it was drawn from (the argmax
+        when greedy). Draws on the CPU, so ``generator`` is a CPU generator."""
+        q = self.probs(logits).cpu()  # (V,)
+        token = int(q.argmax()) if self.temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+        return token, q
+
 
 def expected_tokens_per_call(alpha: float, gamma: int) -> float:
     """Leviathan Eq. 1: E[tokens per target call] = (1 − α^(γ+1)) / (1 − α)."""
@@ -138,18 +145,17 @@ def draft_tokens(draft: Llama, tokens: list[int], cache: KVCache, n: int, temper
     """Draft up to ``n`` tokens after ``tokens`` (the cache holds a prefix of them; the rest are fed first).
 
     Stops early when the draft's top probability falls below ``min_confidence`` (BiLD's fallback). Returns the
-    drafts, their distributions q (n', V) on the CPU and the number of draft forward calls. Sampling draws on
-    the CPU, so ``generator`` is a CPU generator.
+    drafts, their distributions q (n', V) on the CPU and the number of draft forward calls. ``generator`` is a
+    CPU generator (``Sampling.draw``).
     """
-    drafted, rows, calls = [], [], 0
+    drafted, rows, calls, sampling = [], [], 0, Sampling(temperature)
     feed = tokens[cache.length:]
     for _ in range(n):
         logits = draft(torch.tensor([feed], device=cache.k[0].device), cache)[0, -1]  # (V,)
         calls += 1
         if min_confidence > 0 and float(logits.float().softmax(-1).max()) < min_confidence:
             break
-        q = token_probs(logits, temperature).cpu()  # (V,)
-        x = int(q.argmax()) if temperature == 0 else int(torch.multinomial(q, 1, generator=generator))
+        x, q = sampling.draw(logits, generator)  # q (V,)
         drafted.append(x)
         rows.append(q)
         feed = [x]

@@ -85,9 +85,7 @@ class PagedDraft:
             logits = paged_forward(self.model, self.cache, batch)  # (len(order), vocab)
             feed = {}
             for i, row in zip(order, logits):
-                q = sampling.probs(row).cpu()  # (vocab,)
-                x = int(q.argmax()) if sampling.temperature == 0 else int(
-                    torch.multinomial(q, 1, generator=seqs[i].generator))
+                x, q = sampling.draw(row, seqs[i].generator)  # q (vocab,)
                 drafts[i].append(x)
                 rows[i].append(q)
                 if len(drafts[i]) < wanted[i]:

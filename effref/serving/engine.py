@@ -92,12 +92,6 @@ class Engine:
             self._forks[seq.request_id] = n_samples - 1
         return seq
 
-    def _pick(self, logits: torch.Tensor, seq: Sequence) -> int:
-        if self.sampling.temperature == 0:
-            return int(logits.argmax())
-        probs = self.sampling.probs(logits).cpu()  # (vocab,)
-        return int(torch.multinomial(probs, 1, generator=seq.generator))
-
     def _fork(self, step: Step, logits: list[torch.Tensor], drafts: list[list[int]],
               draft_probs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Parallel sampling: a request that just processed its prompt gets children sharing its blocks."""
@@ -144,7 +138,7 @@ class Engine:
         new = []
         for seq, logits, drafted, q in zip(step.seqs, rows, drafts, draft_probs):  # logits (len(drafted)+1, V)
             if not drafted:
-                new.append([self._pick(logits[-1], seq)])
+                new.append([self.sampling.draw(logits[-1], seq.generator)[0]])
                 continue
             p = self.sampling.probs(logits)  # (len(drafted) + 1, vocab)
             n, token = spec.speculative_verify(p, q, torch.tensor(drafted), seq.generator)

@@ -15,8 +15,9 @@ Implements: the batch is rebuilt at every model iteration instead of once per re
      then, if none is left swapped, admits waiting sequences in arrival order (FCFS: it stops at the first
      one that does not fit) while the batch has room (``max_batch``), the step's token budget
      (``max_step_tokens``) allows, and the block pool can hold their tokens (sharing cached prefix blocks).
-``commit`` appends the sampled tokens (several at once after a speculative step, cutting the block table
-back past rejected drafts) and retires finished sequences, whose blocks return to the pool at once, so the next iteration can admit new work — the point of iteration-level scheduling.
+``commit`` appends the sampled tokens (several at once after a speculative step, cutting the block table back
+past rejected drafts) and retires finished sequences, whose blocks return to the pool at once, so the next
+iteration can admit new work — the point of iteration-level scheduling.
 Glossary: waiting / running / swapped queues · a step = one forward over the scheduled sequences' new tokens
           · ``num_computed`` tokens of a sequence whose keys/values are in the cache.
 Left out: priorities other than arrival order, chunked prefill, a free-block watermark; blocks shared with
