@@ -23,7 +23,7 @@ try:  # notebook progress widgets need ipywidgets; without it tqdm.auto warns, s
     import ipywidgets  # noqa: F401
     from tqdm.auto import tqdm as progress_bar
 except ImportError:
-    from tqdm import tqdm as progress_bar
+    from tqdm import tqdm as progress_bar  # noqa: F401  (the public name's fallback; ruff --fix would delete it)
 
 SCALE_NAMES = ("quick", "paper")
 
