@@ -7,9 +7,9 @@ real text (``effref.data``), the assets they come from (``effref.assets``) and t
 """
 
 # Settle Triton's interpreter switch before anything (transformers, via load_model) imports triton: a triton
-# imported first compiles for a GPU that is not there, and our kernels then fail on CPU. ``kernels`` imports
-# neither triton nor any kernel here, only sets TRITON_INTERPRET (see kernels/__init__.py).
-import kernels  # noqa: F401  (isort: the first import on purpose)
+# imported first compiles for a GPU that is not there, and our kernels then fail on CPU. ``effref.kernels``
+# imports neither triton nor any kernel here, only sets TRITON_INTERPRET (see effref/kernels/__init__.py).
+from effref import kernels  # noqa: F401  (isort: the first import on purpose)
 from effref.runtime import Scale, get_device, get_scale, seed_everything
 
 __version__ = "0.1.0"

@@ -1,7 +1,7 @@
-"""``python -m kernels`` is short for ``python -m kernels.bench``."""
+"""``python -m effref.kernels`` is short for ``python -m effref.kernels.bench``."""
 
 import sys
 
-from kernels.bench import main
+from effref.kernels.bench import main
 
 sys.exit(main())

@@ -13,7 +13,7 @@ holds what they share, so there is one of each:
 - ``decode_launch_config``, the argument checks of ``num_splits`` and ``block_n``, and ``sdpa_decode``, the
   contiguous PyTorch baseline both bench entries compare against.
 
-The leading underscore keeps ``python -m kernels.bench`` from looking for a BENCHMARK entry here.
+The leading underscore keeps ``python -m effref.kernels.bench`` from looking for a BENCHMARK entry here.
 Glossary: S splits · chunk = tokens per split · o_s, λ_s partial output and log-sum-exp of split s
           · m running max, ℓ running sum, acc running Σ p·v (fp32) · G query heads per KV head.
 """
@@ -24,8 +24,8 @@ import math
 
 import torch
 
-import kernels
-from kernels._runtime import check_device, cuda_sm_count, next_power_of_2, require_triton, tl, triton
+from effref import kernels
+from effref.kernels._runtime import check_device, cuda_sm_count, next_power_of_2, require_triton, tl, triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634  # scores are kept in base 2: e^x = 2^(x·log2 e), and exp2 is the cheaper op

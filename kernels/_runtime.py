@@ -1,6 +1,6 @@
 """What every kernel module shares: the Triton import, launch-time checks, and the benchmark entry.
 
-A kernel module starts with ``from kernels._runtime import triton, tl, ...``. When Triton is installed these
+A kernel module starts with ``from effref.kernels._runtime import triton, tl, ...``. When Triton is installed these
 are the real modules. When it is not (macOS, Windows, or a plain ``pip install effref``), they are a
 stand-in that lets ``@triton.jit`` and ``tl.constexpr`` annotations evaluate, so the module still imports
 and its PyTorch reference still works; the launcher's first line, ``require_triton()``, then raises an
@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-import kernels
+from effref import kernels
 
 INSTALL_HINT = "pip install 'effref[triton]'"
 
@@ -47,8 +47,8 @@ def require_triton(kernel: str) -> None:
                           "(Linux only), or call the PyTorch reference in the same module instead")
     if kernels.TRITON_IMPORTED_TOO_EARLY:
         raise RuntimeError(f"the {kernel} kernel would run under Triton's interpreter, but triton was imported "
-                           "before the `kernels` package set TRITON_INTERPRET=1 (transformers imports it when a "
-                           "model loads); import effref (or kernels) first, or export TRITON_INTERPRET=1 before "
+                           "before effref.kernels set TRITON_INTERPRET=1 (transformers imports it when a "
+                           "model loads); import effref first, or export TRITON_INTERPRET=1 before "
                            "starting Python")
 
 
@@ -57,7 +57,7 @@ def check_device(name: str, tensor: torch.Tensor) -> None:
     if not kernels.INTERPRETED and tensor.device.type != "cuda":
         raise ValueError(f"{name} is on {tensor.device}, but Triton compiles for the GPU here "
                          f"({kernels.INTERPRET_REASON}); move it with .cuda(), or set "
-                         "EFFREF_TRITON_INTERPRET=1 before importing kernels to run the interpreter on CPU")
+                         "EFFREF_TRITON_INTERPRET=1 before importing effref to run the interpreter on CPU")
 
 
 def check_same_device(anchor_name: str, anchor: torch.Tensor, **others: torch.Tensor) -> None:
@@ -112,7 +112,7 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class Benchmark:
-    """One kernel's entry in ``python -m kernels.bench``; a kernel module exposes it as ``BENCHMARK``.
+    """One kernel's entry in ``python -m effref.kernels.bench``; a kernel module exposes it as ``BENCHMARK``.
 
     ``make_inputs(shape, dtype, device)`` returns the positional arguments that ``kernel``, ``reference`` and
     every baseline accept. ``reference`` is the correctness oracle; ``baselines`` are what the kernel is

@@ -2,9 +2,9 @@
 
 Usage::
 
-    python -m kernels.bench                       # all kernels, print a table
-    python -m kernels.bench --only rmsnorm --out results.json
-    python -m kernels.bench --check               # correctness only (on CPU: under the Triton interpreter)
+    python -m effref.kernels.bench                  # all kernels, print a table
+    python -m effref.kernels.bench --only rmsnorm --out results.json
+    python -m effref.kernels.bench --check          # correctness only (on CPU: under the Triton interpreter)
 
 For each kernel, dtype and shape the bench first checks the kernel against its reference and stops with exit
 status 1 on a mismatch: a fast wrong kernel is not a result. It then times the kernel and each baseline with
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-import kernels
-from kernels._runtime import INSTALL_HINT, Benchmark, Shape
+from effref import kernels
+from effref.kernels._runtime import INSTALL_HINT, Benchmark, Shape
 
 
 @dataclass(frozen=True)
@@ -89,9 +89,9 @@ def discover(only: set[str] | None = None) -> tuple[list[Benchmark], list[str]]:
         if info.name.startswith("_") or info.name == "bench":
             continue
         try:
-            module = importlib.import_module(f"kernels.{info.name}")
+            module = importlib.import_module(f"effref.kernels.{info.name}")
         except Exception as exc:  # noqa: BLE001  a colleague's broken module must not hide the others
-            errors.append(f"kernels.{info.name} did not import: {type(exc).__name__}: {exc}")
+            errors.append(f"effref.kernels.{info.name} did not import: {type(exc).__name__}: {exc}")
             continue
         entries = getattr(module, "BENCHMARK", [])
         for entry in [entries] if isinstance(entries, Benchmark) else list(entries):
@@ -198,7 +198,7 @@ def print_timings(records: list[dict]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m effref.kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--only", action="append", metavar="NAME[,NAME]",
                         help="benchmark only these entries (repeatable, or comma separated)")
     parser.add_argument("--out", type=Path, help="write the results as JSON to this path")

@@ -37,8 +37,8 @@ import math
 
 import torch
 
-import kernels
-from kernels._attention import (  # shared with kernels/paged_attention.py; re-exported here
+from effref import kernels
+from effref.kernels._attention import (  # shared with kernels/paged_attention.py; re-exported here
     LOG2E,
     MAX_SPLITS,  # noqa: F401
     MIN_TOKENS_PER_SPLIT,  # noqa: F401
@@ -53,7 +53,7 @@ from kernels._attention import (  # shared with kernels/paged_attention.py; re-e
     sdpa_decode,
     tokens_per_split,
 )
-from kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
+from effref.kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
 
 
 @triton.jit

@@ -16,7 +16,7 @@ sys.exit(0 if torch.cuda.is_available() else 1)
 PY
 name=$(python -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name()).strip('-').lower())")
 mkdir -p kernels/results
-python -m kernels.bench --check
-python -m kernels.bench --out "kernels/results/${name}.json"
+python -m effref.kernels.bench --check
+python -m effref.kernels.bench --out "kernels/results/${name}.json"
 python -m pytest -q book/compression/quantization_activations.md book/inference/attention_kernels.md
 echo "wrote kernels/results/${name}.json"

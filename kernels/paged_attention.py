@@ -52,9 +52,8 @@ import math
 
 import torch
 
-import kernels
-from effref.serving.paged_attention import paged_attention as paged_attention_reference
-from kernels._attention import (  # shared with kernels/flash_decoding.py; re-exported here
+from effref import kernels
+from effref.kernels._attention import (  # shared with kernels/flash_decoding.py; re-exported here
     LOG2E,
     SUPPORTED_DTYPES,
     check_splits_and_step,
@@ -66,7 +65,8 @@ from kernels._attention import (  # shared with kernels/flash_decoding.py; re-ex
     sdpa_decode,
     tokens_per_split,
 )
-from kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
+from effref.kernels._runtime import Benchmark, check_device, check_same_device, require_triton, tl, triton
+from effref.serving.paged_attention import paged_attention as paged_attention_reference
 
 
 @triton.jit

@@ -33,8 +33,16 @@ import math
 
 import torch
 
-import kernels
-from kernels._runtime import Benchmark, as_rows, check_device, next_power_of_2, require_triton, tl, triton
+from effref import kernels
+from effref.kernels._runtime import (
+    Benchmark,
+    as_rows,
+    check_device,
+    next_power_of_2,
+    require_triton,
+    tl,
+    triton,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_COLS = 65536  # a whole row lives in registers; real hidden sizes are ≤ 16384

@@ -44,9 +44,8 @@ import math
 
 import torch
 
-import kernels
-from effref.pruning.masks import PruneConfig, nm_mask
-from kernels._runtime import (
+from effref import kernels
+from effref.kernels._runtime import (
     Benchmark,
     as_rows,
     check_device,
@@ -58,6 +57,7 @@ from kernels._runtime import (
     tl,
     triton,
 )
+from effref.pruning.masks import PruneConfig, nm_mask
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 PATHS = ("auto", "decode", "prefill")

@@ -37,8 +37,8 @@ import math
 
 import torch
 
-import kernels
-from kernels._runtime import (
+from effref import kernels
+from effref.kernels._runtime import (
     Benchmark,
     as_rows,
     check_device,

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels._runtime import (
+from effref import kernels
+from effref.kernels._runtime import (
     Benchmark,
     check_device,
     check_same_device,

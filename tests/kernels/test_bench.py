@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import kernels
-from kernels.bench import discover
+from effref import kernels
+from effref.kernels.bench import discover
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
 def test_bench_check_covers_every_kernel_on_cpu(tmp_path):
     out = tmp_path / "check.json"
-    command = [sys.executable, "-m", "kernels.bench", "--check", "--out", str(out)]
+    command = [sys.executable, "-m", "effref.kernels.bench", "--check", "--out", str(out)]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.flash_decoding import (
+from effref import kernels
+from effref.kernels.flash_decoding import (
     BENCHMARK,
     MAX_SPLITS,
     MIN_TOKENS_PER_SPLIT,
@@ -226,9 +226,9 @@ def test_roofline_bytes_are_the_cache_read_once():
 def test_kernels_compile_for_a_hopper_gpu(compile_for_gpu):
     # fp32 inputs take the IEEE tl.dot branch; the combine writes a bf16 output
     out = compile_for_gpu(
-        {"module": "kernels.flash_decoding", "kernel": "_split_kv_kernel", "pointer": "*fp32",
+        {"module": "effref.kernels.flash_decoding", "kernel": "_split_kv_kernel", "pointer": "*fp32",
          "types": {"qk_scale": "fp32"},
          "constexprs": {"GROUP": 1, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128, "UPCAST": True, "IEEE": True}},
-        {"module": "kernels.flash_decoding", "kernel": "_combine_kernel", "pointer": "*fp32",
+        {"module": "effref.kernels.flash_decoding", "kernel": "_combine_kernel", "pointer": "*fp32",
          "types": {"out_ptr": "*bf16"}, "constexprs": {"BLOCK_S": 64, "BLOCK_D": 128}})
     assert "compiled _split_kv_kernel" in out and "compiled _combine_kernel" in out

@@ -19,9 +19,9 @@ import math
 import pytest
 import torch
 
-import kernels
-import kernels.paged_attention as pa
-from kernels.paged_attention import (
+import effref.kernels.paged_attention as pa
+from effref import kernels
+from effref.kernels.paged_attention import (
     BENCHMARK,
     default_num_splits,
     paged_attention_bytes,
@@ -322,7 +322,7 @@ def test_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
     # the launcher's GPU configuration (16-row query tiles for tl.dot, bf16 loads), unsplit (bf16 output written
     # directly) and split (fp32 partials o_s and λ_s); the fp32/IEEE branch of the shared online_softmax_step
     # and the combine kernel are compiled by test_flash_decoding.py
-    job = {"module": "kernels.paged_attention", "kernel": "_paged_attention_kernel",
+    job = {"module": "effref.kernels.paged_attention", "kernel": "_paged_attention_kernel",
            "types": {"bt_ptr": "*i32", "len_ptr": "*i32", "qk_scale": "fp32"},
            "constexprs": {"GROUP": 4, "BLOCK_SIZE": 16, "BLOCK_G": 16, "BLOCK_N": 64, "BLOCK_D": 128,
                           "SPLIT": False, "UPCAST": False, "IEEE": False}}

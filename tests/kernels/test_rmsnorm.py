@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-import kernels
-from kernels.bench import DevicePeak, match_peak, print_timings, time_one
-from kernels.rmsnorm import BENCHMARK, MAX_COLS, rmsnorm, rmsnorm_bytes, rmsnorm_reference
+from effref import kernels
+from effref.kernels.bench import DevicePeak, match_peak, print_timings, time_one
+from effref.kernels.rmsnorm import BENCHMARK, MAX_COLS, rmsnorm, rmsnorm_bytes, rmsnorm_reference
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
 BF16_ULP = 2.0 ** -7  # spacing of bf16 values relative to their magnitude (8 significand bits)

@@ -11,9 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from effref.pruning import PruneConfig, magnitude_prune
-from kernels.sparse24 import (
+from effref import kernels
+from effref.kernels.sparse24 import (
     BENCHMARK,
     compress_24,
     decompress_24,
@@ -22,6 +21,7 @@ from kernels.sparse24 import (
     sparse24_matmul,
     sparse24_reference,
 )
+from effref.pruning import PruneConfig, magnitude_prune
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
 
@@ -204,7 +204,7 @@ def test_bench_inputs_and_bytes_agree_with_the_tensors(shape):
 
 
 def test_semi_structured_baseline_explains_a_refusal():
-    from kernels.sparse24 import _semi_linear
+    from effref.kernels.sparse24 import _semi_linear
 
     x, values, meta, dense, _ = BENCHMARK.make_inputs((5, 64, 200), torch.float16, torch.device("cpu"))
     with pytest.raises(RuntimeError, match=r"refused this torch.float16 \(64, 200\) weight \(too narrow\).*≥ 8\.0"):
@@ -214,7 +214,7 @@ def test_semi_structured_baseline_explains_a_refusal():
 @needs_triton
 def test_decode_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
     report = compile_for_gpu(
-        {"module": "kernels.sparse24", "kernel": "_sparse24_kernel", "pointer": "*fp16",
+        {"module": "effref.kernels.sparse24", "kernel": "_sparse24_kernel", "pointer": "*fp16",
          "types": {"e_ptr": "*u8", "y_ptr": "*fp32"},
          "constexprs": {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 2, "UPCAST": False, "IEEE": False},
          "options": {"num_warps": 4, "num_stages": 3}})

@@ -10,9 +10,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-from kernels._runtime import decode_split_k
-from kernels.w4a16 import BENCHMARK, dequantize_int4, unpack_int4, w4a16_bytes, w4a16_matmul, w4a16_reference
+from effref import kernels
+from effref.kernels._runtime import decode_split_k
+from effref.kernels.w4a16 import (
+    BENCHMARK,
+    dequantize_int4,
+    unpack_int4,
+    w4a16_bytes,
+    w4a16_matmul,
+    w4a16_reference,
+)
 
 needs_triton = pytest.mark.skipif(not kernels.triton_available(), reason="Triton is not installed")
 
@@ -145,7 +152,7 @@ def test_decode_split_k_splits_only_when_the_columns_cannot_fill_the_gpu(n_tiles
 @pytest.mark.parametrize("split_k, out", [(1, "*fp16"), (4, "*fp32")])  # direct store, or fp32 atomics
 def test_decode_kernel_compiles_for_a_hopper_gpu(compile_for_gpu, split_k, out):
     report = compile_for_gpu(
-        {"module": "kernels.w4a16", "kernel": "_w4a16_kernel", "pointer": "*fp16",
+        {"module": "effref.kernels.w4a16", "kernel": "_w4a16_kernel", "pointer": "*fp16",
          "types": {"qw_ptr": "*u8", "y_ptr": out},
          "constexprs": {"GROUP": 128, "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split_k,
                         "UPCAST": False, "IEEE": False},

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels
-import kernels.w8a8 as w8a8_module
-from kernels.w8a8 import (
+import effref.kernels.w8a8 as w8a8_module
+from effref import kernels
+from effref.kernels.w8a8 import (
     BENCHMARK,
     GPU_TILES,
     MAX_K,
@@ -130,7 +130,7 @@ def test_roofline_bytes_match_the_tensors(shape):
 def test_roofline_uses_the_int8_peak():
     # a fake clock: the kernel takes 1 ms. The shape is compute-bound, so the roof is FLOPs / int8 peak, and an
     # int8 peak twice the 16-bit one halves the % of roofline a 16-bit roof would claim.
-    from kernels.bench import DevicePeak, time_one
+    from effref.kernels.bench import DevicePeak, time_one
 
     shape = (64, 64, 64)
     peak = DevicePeak("test", hbm_gbps=1e6, tflops_16bit=1e-3, tflops_fp32=1e-4, tops_int8=2e-3)
@@ -145,7 +145,7 @@ def test_roofline_uses_the_int8_peak():
 def test_kernel_compiles_for_a_hopper_gpu_at_the_largest_autotuned_tile_and_the_thin_one(compile_for_gpu):
     largest = max(GPU_TILES, key=lambda t: t[0] * t[1] * t[2])
     m, n, k, warps, stages = largest
-    job = {"module": "kernels.w8a8", "kernel": "_w8a8_kernel", "pointer": "*i8",
+    job = {"module": "effref.kernels.w8a8", "kernel": "_w8a8_kernel", "pointer": "*i8",
            "types": {"sa_ptr": "*fp32", "sb_ptr": "*fp32", "y_ptr": "*fp16"}}
     out = compile_for_gpu(
         job | {"constexprs": {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k},

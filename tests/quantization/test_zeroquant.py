@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from effref.kernels.w8a8 import quantize_rows_int8, w8a8_reference
 from effref.models import load_model
 from effref.models.llama import Llama
 from effref.quantization import QuantConfig, fake_quantize, load_quantized, quantize, save_quantized
@@ -17,7 +18,6 @@ from effref.quantization.zeroquant import (
     wa_quantize_model,
     zeroquant_model,
 )
-from kernels.w8a8 import quantize_rows_int8, w8a8_reference
 
 
 def _linear(in_f=96, out_f=40, seed=0):

@@ -1,13 +1,22 @@
 """Triton kernels for the book, each beside the plain-PyTorch reference it must agree with.
 
 Every module here (``kernels/rmsnorm.py`` is the template) holds one Triton kernel, the launcher that checks
-its arguments, a reference in eager PyTorch, and a ``BENCHMARK`` entry that ``python -m kernels.bench`` picks
-up. The kernels run on a CUDA GPU; on a machine without one, Triton's *interpreter* runs the same kernel
+its arguments, a reference in eager PyTorch, and a ``BENCHMARK`` entry that ``python -m effref.kernels.bench``
+picks up. The kernels run on a CUDA GPU; on a machine without one, Triton's *interpreter* runs the same kernel
 source on CPU tensors (slowly: about 2.5 ms per program, so tests use small shapes and large blocks).
 
+Where the modules live. In the repository they sit in the top-level ``kernels/`` folder, beside the book;
+they are imported as ``effref.kernels`` only. That folder has no ``__init__.py`` on purpose: ``kernels`` is
+the import name of Hugging Face's hub-kernels package, which transformers (5.25 and later) imports when a
+model loads, so a package of ours under that name would break transformers or be hidden by it. This file is
+the package's only ``__init__``: in a source checkout (editable install, or the repository on ``sys.path``)
+it adds the ``kernels/`` folder to the package's ``__path__``; a built wheel carries the modules beside it
+instead (``setup.py`` copies them there). ``KERNELS_DIR`` is that folder either way, ``RESULTS_DIR`` its
+measured GPU results.
+
 The interpreter switch. Triton decides between compiling and interpreting when a ``@triton.jit`` decorator
-runs, by reading ``TRITON_INTERPRET``. This ``__init__`` runs before any kernel module, so it settles the
-variable here, once:
+runs, by reading ``TRITON_INTERPRET``. ``import effref`` runs this ``__init__`` before anything else, and
+before any kernel module, so it settles the variable here, once:
 
 1. ``EFFREF_TRITON_INTERPRET=1`` or ``=0``, if set, wins;
 2. else a ``TRITON_INTERPRET`` that the caller already exported is respected;
@@ -15,14 +24,11 @@ variable here, once:
 
 Step 3 must stay cheap and must not poison ``fork()``: a CPU-only torch build answers without touching any
 driver, and on a CUDA build the question goes to NVML (``PYTORCH_NVML_BASED_CUDA_CHECK=1``) rather than
-``cuInit``, which would leave forked children unable to use the GPU.
+``cuInit``, which would leave forked children unable to use the GPU. This file imports neither triton nor
+any kernel module.
 
-The name. ``kernels`` is also the import name of Hugging Face's hub-kernels package, which transformers
-probes for. This package deliberately has no ``__version__`` and imports neither triton nor any kernel
-module on import, so a probe that ends up importing it pays little and still finds no usable version;
-``tests/kernels/test_namespace.py`` shows what transformers actually does.
-
-Public names: ``INTERPRETED`` (bool), ``INTERPRET_REASON`` (why), ``triton_available()``, ``describe()``.
+Public names: ``INTERPRETED`` (bool), ``INTERPRET_REASON`` (why), ``triton_available()``, ``describe()``,
+``KERNELS_DIR``, ``RESULTS_DIR``.
 """
 
 from __future__ import annotations
@@ -31,8 +37,15 @@ import functools
 import os
 import sys
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import torch
+
+_CHECKOUT_KERNELS = Path(__file__).resolve().parents[2] / "kernels"  # the repository's kernels/ folder
+if not Path(__file__).with_name("_runtime.py").is_file() and (_CHECKOUT_KERNELS / "_runtime.py").is_file():
+    __path__.append(str(_CHECKOUT_KERNELS))  # a source checkout: the modules live in kernels/, not beside us
+KERNELS_DIR = Path(__path__[-1])  # the folder of the kernel modules (and of results/)
+RESULTS_DIR = KERNELS_DIR / "results"  # <device>.json files written by kernels/measure_on_gpu.sh
 
 TRUE_WORDS = ("1", "true", "on", "yes")  # what Triton itself reads as "on"
 FALSE_WORDS = ("0", "false", "off", "no", "")
