@@ -1,7 +1,10 @@
 """The book's sources are consistent: table of contents, Colab twins, install cells, citations."""
 
+import ast
 import re
+import shlex
 from pathlib import Path
+from types import SimpleNamespace
 
 import jupytext
 import pytest
@@ -63,6 +66,22 @@ def test_first_code_cell_installs_effref_only_on_colab(chapter):
     assert '"google.colab" in sys.modules' in first.source
     url = CONFIG["repository"]["url"]
     assert f"git+{url}" in first.source, f"the install cell must use the repository url of _config.yml ({url})"
+
+
+@pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_install_cell_keeps_the_preinstalled_torch(chapter):
+    # Colab ships its own CUDA torch: the cell must pin exactly that build, or a dependency's range could make
+    # pip download and install another. Expand the %pip line as IPython would, with a Colab-like torch.
+    from IPython.core.inputtransformer2 import TransformerManager
+    from IPython.core.interactiveshell import InteractiveShell
+
+    first = next(c for c in jupytext.read(chapter).cells if c.cell_type == "code")
+    python = TransformerManager().transform_cell(first.source)  # %pip -> get_ipython().run_line_magic(...)
+    (magic,) = re.findall(r"run_line_magic\('pip', (.+)\)", python)
+    torch = SimpleNamespace(__version__="2.9.0+cu126")  # noqa: F841  (read by var_expand from this frame)
+    args = shlex.split(InteractiveShell.instance().var_expand(ast.literal_eval(magic)))
+    assert args[0] == "install" and "torch==2.9.0+cu126" in args
+    assert any(a.startswith("effref[hub] @ git+") for a in args)
 
 
 def test_repository_url_is_a_github_url_for_the_launch_buttons():

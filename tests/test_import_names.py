@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -117,8 +118,14 @@ def wheel_venv(tmp_path_factory):
     """effref built as a wheel (no editable mode) and installed into a scratch venv that sees this venv's
     dependencies but nothing of the checkout."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # what an sdist holds: a copy keeps the build's build/ folder out of the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in ("effref", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                            "--no-build-isolation", "--wheel-dir", str(tmp / "dist"), str(ROOT)],
+                            "--no-build-isolation", "--wheel-dir", str(tmp / "dist"), str(source)],
                            capture_output=True, text=True, timeout=300, check=False)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = (tmp / "dist").glob("effref-*.whl")
