@@ -27,6 +27,9 @@ ROOT = Path(__file__).parent
 # OpenMP threads sleep instead of spinning while they wait: on a small shared machine spinning threads steal the
 # cores the chapter kernels (subprocesses, which inherit this) need. Set before any test imports torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# The chapters' stored outputs (nbval's run fills the book's cache) show results, not progress bars, which would
+# render as stderr blocks; a reader running a chapter gets the bars (effref.runtime.progress_bar).
+os.environ.setdefault("EFFREF_PROGRESS", "0")
 CHAPTER_BUDGET_S = float(os.environ.get("EFFREF_CHAPTER_BUDGET_S", 180))
 BOOK_CACHE = ROOT / "_build" / ".jupyter_cache"
 collect_ignore_glob = ["book/**/*.ipynb", "book/_build/*", "_build/*"]

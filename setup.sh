@@ -38,6 +38,6 @@ python -m pip install --quiet --constraint "$constraints" "${upgrade[@]}" -e ".[
 python -m effref.assets fetch
 
 if [ "${EFFREF_BUILD_BOOK:-1}" != 0 ]; then
-  jupyter-book build . --warningiserror --keep-going
+  EFFREF_PROGRESS=0 jupyter-book build . --warningiserror --keep-going  # no progress bars in stored outputs
   echo "book: _build/html/index.html"
 fi

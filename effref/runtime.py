@@ -4,7 +4,8 @@ The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two 
 
 - ``get_device()`` picks cuda → mps → cpu (override with ``EFFREF_DEVICE``).
 - ``progress_bar`` is the tqdm bar every long loop uses (a widget in notebooks that have ipywidgets, text
-  elsewhere).
+  elsewhere). ``EFFREF_PROGRESS=0`` turns every one of them off: the book's stored outputs (the test run and
+  the book build set it) show results, not bars, which would render as stderr blocks.
 - ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
   steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
   *paper* on a CUDA GPU and *quick* everywhere else.
@@ -21,11 +22,27 @@ import torch
 
 try:  # notebook progress widgets need ipywidgets; without it tqdm.auto warns, so fall back to text bars
     import ipywidgets  # noqa: F401
-    from tqdm.auto import tqdm as progress_bar
+    from tqdm.auto import tqdm
 except ImportError:
-    from tqdm import tqdm as progress_bar  # noqa: F401  (the public name's fallback; ruff --fix would delete it)
+    from tqdm import tqdm
 
 SCALE_NAMES = ("quick", "paper")
+ON_WORDS, OFF_WORDS = ("1", "on", "true", "yes", ""), ("0", "off", "false", "no")
+
+
+def progress_enabled() -> bool:
+    """False when ``EFFREF_PROGRESS`` says off; bars are on by default."""
+    value = os.environ.get("EFFREF_PROGRESS", "").strip().lower()
+    if value not in ON_WORDS + OFF_WORDS:
+        raise ValueError(f"EFFREF_PROGRESS={value!r} is not an on/off value; set it to 1 (show progress bars) "
+                         "or 0 (hide them)")
+    return value in ON_WORDS
+
+
+def progress_bar(iterable=None, *, disable: bool = False, **options) -> tqdm:
+    """A tqdm bar over ``iterable`` (or a manual one with ``total=``), hidden when ``disable`` or when
+    ``EFFREF_PROGRESS=0``; ``options`` are tqdm's (``desc``, ``total``, ``unit``, ``leave``, ...)."""
+    return tqdm(iterable, disable=disable or not progress_enabled(), **options)
 
 
 def get_device(prefer: str | None = None) -> torch.device:

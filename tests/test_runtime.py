@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from effref.runtime import SCALES, get_device, get_scale, seed_everything
+from effref.runtime import SCALES, get_device, get_scale, progress_bar, seed_everything
 
 
 def test_default_device_on_this_machine_is_the_best_available(monkeypatch):
@@ -42,3 +42,25 @@ def test_auto_scale_follows_the_device(monkeypatch):
 def test_unknown_scale_names_the_choices():
     with pytest.raises(ValueError, match="scale='huge'.*quick"):
         get_scale("huge")
+
+
+@pytest.mark.parametrize("value, shown", [("", True), ("1", True), ("on", True), ("0", False), ("off", False)])
+def test_progress_bars_follow_the_environment_switch(monkeypatch, capsys, value, shown):
+    monkeypatch.setenv("EFFREF_PROGRESS", value)
+    assert list(progress_bar(range(3), desc="counting", mininterval=0)) == [0, 1, 2]
+    with progress_bar(total=2, desc="manual", mininterval=0) as bar:
+        bar.update(2)
+    err = capsys.readouterr().err
+    assert ("counting" in err and "manual" in err) is shown and (err == "") is not shown
+
+
+def test_progress_bars_stay_off_when_the_caller_says_so(monkeypatch, capsys):
+    monkeypatch.setenv("EFFREF_PROGRESS", "1")
+    list(progress_bar(range(3), desc="counting", disable=True))
+    assert capsys.readouterr().err == ""
+
+
+def test_bad_progress_switch_is_refused(monkeypatch):
+    monkeypatch.setenv("EFFREF_PROGRESS", "sometimes")
+    with pytest.raises(ValueError, match="EFFREF_PROGRESS='sometimes' is not an on/off value"):
+        progress_bar(range(3))
