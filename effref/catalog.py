@@ -100,8 +100,8 @@ def render_markdown(entries: list[Entry]) -> str:
         "# Coverage",
         "",
         "Every core technique in the survey's taxonomy, and where this book implements, tests and teaches it.",
-        f"**{done} of {len(entries)}** are implemented so far; the rest are planned, with the issue that will",
-        "deliver them. This page is generated from `effref/catalog.yml` by",
+        f"**{done} of {len(entries)}** are implemented so far; the other {len(entries) - done} are planned and not",
+        "written yet. This page is generated from `effref/catalog.yml` by",
         "`python -m effref.catalog --write book/coverage.md`, and a test keeps both in step.",
         "",
     ]
@@ -113,7 +113,7 @@ def render_markdown(entries: list[Entry]) -> str:
                   "| Technique | Citation | Status | Symbol | Tests | Chapter |",
                   "|---|---|---|---|---|---|"]
         for e in by_section[section]:
-            status = "✅ implemented" if e.implemented else (f"planned (#{e.issue})" if e.issue else "planned")
+            status = "✅ implemented" if e.implemented else "planned"
             symbol = f"`{e.symbol}`" + (f" ({e.usage})" if e.usage else "") if e.symbol else ""
             tests = ", ".join(f"`{t}`" for t in e.tests)
             chapter = _chapter_link(e.chapter) if e.chapter else ""

@@ -61,6 +61,20 @@ def test_colab_twin_is_in_sync_and_output_free(chapter):
 
 
 @pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_source_has_no_tab(chapter):
+    # a TAB in prose or math is almost always an escape gone wrong: "\t" of "\times" rendered "8 imes 8"
+    lines = [n for n, line in enumerate(chapter.read_text().splitlines(), 1) if "\t" in line]
+    assert not lines, f"TAB characters on lines {lines} of {chapter.name}"
+
+
+@pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.stem)
+def test_colab_twin_asks_for_a_gpu_runtime(chapter):
+    # without it Colab opens the chapter on a CPU runtime, i.e. at quick scale
+    metadata = jupytext.read(chapter.with_suffix(".ipynb")).metadata
+    assert metadata.get("accelerator") == "GPU" and metadata.get("colab", {}).get("gpuType")
+
+
+@pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.stem)
 def test_first_code_cell_installs_effref_only_on_colab(chapter):
     first = next(c for c in jupytext.read(chapter).cells if c.cell_type == "code")
     assert '"google.colab" in sys.modules' in first.source

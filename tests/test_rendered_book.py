@@ -76,3 +76,29 @@ def test_coverage_page_shows_its_table(tmp_path):
     dom = render(HTML / "book" / "coverage.html", tmp_path)
     assert dom.count("<table") >= 10
     assert "effref.models.llama.Attention" in dom and "implemented" in dom
+
+
+def chapter_pages() -> list[Path]:
+    return sorted(p for p in (HTML / "book").rglob("*.html") if not p.name.startswith("."))
+
+
+# What a reader should never see in a chapter's outputs: the return value of a call made for its side effect
+# (a caption's Text, a gc.collect() count, a list of Line2D), printed as a cell's result.
+STRAY_RESULT = re.compile(r"^\s*(\d+|None|Text\(.*\)|\[?<matplotlib\.[^>]*>\]?|<Figure size [^>]*>)\s*$", re.S)
+
+
+def test_chapters_show_no_stderr_no_stray_results_and_no_broken_math():
+    pages = chapter_pages()
+    assert len(pages) >= 17
+    problems = []
+    for page in pages:
+        html = page.read_text()
+        name = page.relative_to(HTML)
+        problems += [f"{name}: a stderr block" for _ in re.findall(r'class="output stderr', html)]
+        for text in re.findall(r'class="output text_plain[^"]*"><div class="highlight"><pre><span></span>(.*?)</pre>',
+                               html, re.S):
+            if STRAY_RESULT.match(text):
+                problems.append(f"{name}: a stray result {text.strip()[:60]!r}")
+        problems += [f"{name}: broken TeX ({m!r}: a TAB where a backslash-t was meant)"
+                     for m in re.findall(r".{0,10}\simes\b.{0,10}", html)]
+    assert not problems, "\n".join(problems)
