@@ -261,15 +261,3 @@ def unpack(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     codes = torch.stack([(word >> (bits * i)) & mask for i in range(8)], dim=1)  # (m, 8)
     return codes.reshape(-1)[:numel].to(torch.uint8)
 
-
-def __getattr__(name: str):
-    """``QuantLinear`` and ``quantize_model`` live in linear.py / driver.py; they are reachable from here too."""
-    if name == "QuantLinear":
-        from effref.quantization.linear import QuantLinear
-
-        return QuantLinear
-    if name in ("quantize_model", "LayerInputs"):
-        from effref.quantization import driver
-
-        return getattr(driver, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

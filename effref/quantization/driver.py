@@ -21,6 +21,7 @@ from torch import nn
 
 from effref.compression.calibration import STATS, InputStats, collect_input_stats, find_blocks, map_linears
 from effref.quantization.basics import QTensor
+from effref.quantization.linear import QuantLinear
 
 LayerInputs = InputStats  # the statistics a quantization layer function receives (name kept for readability)
 LayerFn = Callable[[str, nn.Linear, "LayerInputs | None"], "nn.Module | QTensor"]
@@ -73,7 +74,6 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
     uses statistics of the full-precision model (non-sequential, but shareable between methods).
     """
     _check_target(model, target)
-    from effref.quantization.linear import QuantLinear
 
     def replace(name: str, linear: nn.Linear, layer_stats: LayerInputs | None) -> nn.Module:
         new = method_fn(name, linear, layer_stats)

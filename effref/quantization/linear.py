@@ -19,18 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from effref.quantization.basics import QTensor, pack, unpack
+from effref.quantization.rotations import hadamard_factors, kron_right
 
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
                                torch.int8, torch.int16, torch.int32, torch.int64)}
-
-
-def kron_right(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """x @ (F_0 ⊗ F_1 ⊗ …) for x (..., n) with n = Π dim(F_i), without forming the Kronecker product."""
-    lead, n = x.shape[:-1], x.shape[-1]
-    y = x.reshape(-1, *[f.shape[0] for f in factors])  # (N, p_0, p_1, ...)
-    for axis, f in enumerate(factors, start=1):  # contract axis k with F_k's rows: y[..., k, ...] @ F_k
-        y = torch.tensordot(y, f.to(device=y.device, dtype=y.dtype), dims=([axis], [0])).movedim(-1, axis)
-    return y.reshape(*lead, n)
 
 
 def _flatten_qtensor(q: QTensor, prefix: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -150,8 +142,6 @@ class QuantLinear(nn.Module):
 
     def _rotation(self, side: str) -> tuple[list[torch.Tensor], torch.Tensor] | None:
         if side in self.meta.get("hadamard", ()):
-            from effref.quantization.quip import hadamard_factors  # deferred: quip.py imports this module
-
             signs = getattr(self, f"{side}_signs")
             return [f.to(signs.device) for f in hadamard_factors(signs.numel())], signs
         factors = [t for name, t in self.named_buffers() if name.startswith(f"{side}_f")]

@@ -26,7 +26,8 @@ from torch import nn
 
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
-from effref.quantization.linear import QuantLinear, kron_right
+from effref.quantization.linear import QuantLinear
+from effref.quantization.rotations import hadamard_factors, kron_right
 
 ROTATIONS = ("orthogonal", "hadamard")
 Rotation = tuple[list[torch.Tensor], torch.Tensor]  # (Kronecker factors, signs): R = (⊗F)·diag(signs)
@@ -41,34 +42,6 @@ class QuIPConfig:
     def __post_init__(self) -> None:
         if self.rotation not in ROTATIONS:
             raise ValueError(f"rotation={self.rotation!r} is not known; use one of {ROTATIONS}")
-
-
-def _paley12() -> torch.Tensor:
-    """A Hadamard matrix of order 12 (Paley I, q = 11): I + S with S the skew conference matrix."""
-    residues = {(x * x) % 11 for x in range(1, 11)}
-    chi = [0] + [1 if a in residues else -1 for a in range(1, 11)]  # quadratic character mod 11
-    s = torch.zeros(12, 12)
-    s[0, 1:], s[1:, 0] = 1.0, -1.0
-    for i in range(11):
-        for j in range(11):
-            s[1 + i, 1 + j] = chi[(j - i) % 11]
-    return torch.eye(12) + s
-
-
-def hadamard_factors(n: int) -> list[torch.Tensor]:
-    """Orthonormal Hadamard factors whose Kronecker product has order n = 12^m · 2^k."""
-    factors, rest = [], n
-    while rest % 12 == 0:
-        factors.append(_paley12())
-        rest //= 12
-    if rest & (rest - 1):
-        raise ValueError(f"no Hadamard rotation of order {n} here (need 12^m · 2^k); use rotation='orthogonal'")
-    if rest > 1:
-        h = torch.ones(1, 1)
-        while h.shape[0] < rest:  # Sylvester: H_2k = [[H, H], [H, -H]]
-            h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-        factors.append(h)
-    return [f / math.sqrt(f.shape[0]) for f in factors]
 
 
 def _random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:

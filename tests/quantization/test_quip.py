@@ -8,14 +8,13 @@ from effref.quantization.driver import LayerInputs
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
 from effref.quantization.quip import (
     QuIPConfig,
-    _paley12,
-    hadamard_factors,
     incoherence_process,
     quip_layer,
     quip_quantize,
     random_rotation,
     rotate,
 )
+from effref.quantization.rotations import _paley12, hadamard_factors
 
 
 def _dense(rot):
