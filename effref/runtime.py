@@ -34,8 +34,8 @@ def progress_enabled() -> bool:
     """False when ``EFFREF_PROGRESS`` says off; bars are on by default."""
     value = os.environ.get("EFFREF_PROGRESS", "").strip().lower()
     if value not in ON_WORDS + OFF_WORDS:
-        raise ValueError(f"EFFREF_PROGRESS={value!r} is not an on/off value; set it to 1 (show progress bars) "
-                         "or 0 (hide them)")
+        raise ValueError(f"EFFREF_PROGRESS={value!r} is not an on/off value; set it to 1 (show progress "
+                         "bars) or 0 (hide them)")
     return value in ON_WORDS
 
 

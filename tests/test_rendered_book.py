@@ -84,7 +84,8 @@ def chapter_pages() -> list[Path]:
 
 # What a reader should never see in a chapter's outputs: the return value of a call made for its side effect
 # (a caption's Text, a gc.collect() count, a list of Line2D), printed as a cell's result.
-STRAY_RESULT = re.compile(r"^\s*(\d+|None|Text\(.*\)|\[?<matplotlib\.[^>]*>\]?|<Figure size [^>]*>)\s*$", re.S)
+STRAY_RESULT = re.compile(r"^\s*(\d+|None|Text\(.*\)|\[?<matplotlib\.[^>]*>\]?|<Figure size [^>]*>)\s*$",
+                          re.S)
 
 
 def test_chapters_show_no_stderr_no_stray_results_and_no_broken_math():
@@ -95,8 +96,9 @@ def test_chapters_show_no_stderr_no_stray_results_and_no_broken_math():
         html = page.read_text()
         name = page.relative_to(HTML)
         problems += [f"{name}: a stderr block" for _ in re.findall(r'class="output stderr', html)]
-        for text in re.findall(r'class="output text_plain[^"]*"><div class="highlight"><pre><span></span>(.*?)</pre>',
-                               html, re.S):
+        results = re.findall(r'class="output text_plain[^"]*"><div class="highlight"><pre><span></span>(.*?)</pre>',
+                             html, re.S)
+        for text in results:
             if STRAY_RESULT.match(text):
                 problems.append(f"{name}: a stray result {text.strip()[:60]!r}")
         problems += [f"{name}: broken TeX ({m!r}: a TAB where a backslash-t was meant)"
