@@ -64,7 +64,7 @@ def test_effref_has_no_import_cycle():
 # The lab bench (README, "Layout"): what every technique stands on, so it imports no technique.
 LAB_BENCH = ("effref.runtime", "effref.assets", "effref.asset_tools", "effref.asset_builders",
              "effref.models", "effref.data", "effref.eval", "effref.memory", "effref.plotting", "effref.catalog",
-             "effref.kernels")
+             "effref.kernels", "effref.checks")
 
 
 def on_the_bench(module: str) -> bool:

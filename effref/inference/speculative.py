@@ -51,8 +51,9 @@ def token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = No
 
     ``top_k`` keeps the k largest logits of each row (ties with the k-th included); ``top_p`` then keeps the
     smallest set of most likely tokens whose probability reaches p (nucleus sampling, Holtzman et al. 2020,
-    arXiv:1904.09751); what is kept is renormalised.
+    arXiv:1904.09751); what is kept is renormalised. Bad values are refused as :class:`Sampling` refuses them.
     """
+    Sampling(temperature, top_k, top_p)  # validates: a negative T would invert the distribution, top_p=0 give NaN
     if temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits.float() / temperature  # (..., V)

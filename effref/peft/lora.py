@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.peft.core import (  # noqa: F401
     MergeableAdapter,
     adapters_of,
@@ -49,6 +50,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} must be a positive integer rank, e.g. r=8")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
+            raise ValueError(f"alpha={self.alpha!r} must be a positive number (the update is scaled by alpha / r; "
+                             "0 would make the adapter do nothing), e.g. alpha=2 * r")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1), e.g. 0.05")
         if isinstance(self.target_modules, str):
@@ -112,6 +116,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     Every other parameter is frozen. Ranks are checked against each layer before anything changes, so a
     failing call leaves the model untouched. Returns ``model`` (modified in place).
     """
+    cfg = config_or_default(cfg, LoraConfig, "LoraConfig(r=8, alpha=16)")
+
     def make(name: str, layer: nn.Module) -> LoraLinear:
         if cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "

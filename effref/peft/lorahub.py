@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.peft.lora import load_lora_state_dict, lora_state_dict
 
 
@@ -71,7 +72,7 @@ def lorahub_search(model: nn.Module, modules: list[dict[str, torch.Tensor]], los
     """
     from scipy.optimize import minimize
 
-    cfg = cfg or LoraHubConfig()
+    cfg = config_or_default(cfg, LoraHubConfig, "LoraHubConfig()")
     lora_state_dict(model)  # raises if the model has no LoRA layers
     n = len(modules)
     history: list[float] = []

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.compression.calibration import find_blocks
 from effref.pruning.recovery import lm_loss
 from effref.runtime import progress_bar
@@ -195,6 +196,7 @@ def llm_prune(model: nn.Module, batches: torch.Tensor | None, cfg: LLMPrunerConf
     The gradients come from ``batches`` (n, T) token ids, or from ``gradients`` = the dict returned by
     ``taylor_gradients`` on an identical model (to prune copies of one dense model at several ratios).
     """
+    cfg = config_or_default(cfg, LLMPrunerConfig, "LLMPrunerConfig(ratio=0.3)")
     _, blocks = find_blocks(model)
     last = len(blocks) if cfg.last is None else cfg.last
     if not 0 <= cfg.first < last <= len(blocks):
@@ -244,6 +246,6 @@ def ratio_for_fraction(model: nn.Module, fraction: float, cfg: LLMPrunerConfig |
     """``cfg`` with the ratio (on a 0.001 grid) whose removed parameter fraction is closest to ``fraction``."""
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction={fraction} must be in [0, 1) (of the model's parameters)")
-    cfg = cfg or LLMPrunerConfig()
+    cfg = config_or_default(cfg, LLMPrunerConfig, "LLMPrunerConfig(ratio=0.3)")
     return min((replace(cfg, ratio=r / 1000) for r in range(1000)),
                key=lambda c: abs(removed_fraction(model, c) - fraction))

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.pruning.masks import PruneConfig, prune_linears, prune_mask
 
 
 def magnitude_prune(weight: torch.Tensor, stats=None, cfg: PruneConfig | None = None,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned copy of ``weight`` (out, in), mask with True = pruned) by |W| per layer; ``stats`` is unused."""
-    cfg = cfg or PruneConfig()
+    cfg = config_or_default(cfg, PruneConfig, "PruneConfig(sparsity=0.5)")
     mask = prune_mask(weight.abs(), cfg, group="layer")  # (out, in)
     return weight.masked_fill(mask, 0), mask
 

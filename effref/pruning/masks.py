@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.compression.calibration import InputStats, block_linears, find_blocks, map_linears
 
 GROUPS = ("layer", "row")
@@ -29,9 +30,10 @@ GROUPS = ("layer", "row")
 
 @dataclass
 class PruneConfig:
-    """Unstructured sparsity (``sparsity``) or semi-structured N:M (``nm="2:4"`` or ``(2, 4)``)."""
+    """Unstructured sparsity (``sparsity``, default 0.5) or semi-structured N:M (``nm="2:4"`` or ``(2, 4)``),
+    whose sparsity is 1 - N/M (a different ``sparsity`` beside it is refused)."""
 
-    sparsity: float = 0.5
+    sparsity: float | None = None
     nm: tuple[int, int] | str | None = None
 
     def __post_init__(self) -> None:
@@ -47,7 +49,12 @@ class PruneConfig:
             if n > m:
                 raise ValueError(f"nm={n}:{m} asks to keep N={n} of every M={m} weights, more than there are; "
                                  "N must be <= M, e.g. '2:4'")
+            if self.sparsity is not None and self.sparsity != 1 - n / m:
+                raise ValueError(f"sparsity={self.sparsity!r} contradicts nm={n}:{m}, which zeroes {m - n} of "
+                                 f"every {m} weights (sparsity {1 - n / m:g}); pass only one of them")
             self.sparsity = 1 - n / m
+        elif self.sparsity is None:
+            self.sparsity = 0.5
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
                 or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity={self.sparsity!r} must be in [0, 1) (the fraction of weights set to zero)")
@@ -129,6 +136,7 @@ def prune_linears(model: nn.Module, method: LayerPruner, cfg: PruneConfig, needs
     from ``stats`` collected beforehand (``collect_input_stats``: one dense pass shared by many runs).
     ``sparsities`` {name: s} overrides ``cfg.sparsity`` per layer (mixed sparsity); every other layer uses cfg.
     """
+    cfg = config_or_default(cfg, PruneConfig, "PruneConfig(sparsity=0.5)")
     masks: dict[str, torch.Tensor] = {}
 
     def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.compression.calibration import InputStats
 from effref.pruning.masks import PruneConfig, prune_linears, prune_mask
 
@@ -24,7 +25,7 @@ from effref.pruning.masks import PruneConfig, prune_linears, prune_mask
 def wanda_prune(weight: torch.Tensor, stats: InputStats, cfg: PruneConfig | None = None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned copy of ``weight`` (out, in), mask) with Wanda's score |W| · ||X||₂ compared per output row."""
-    cfg = cfg or PruneConfig()
+    cfg = config_or_default(cfg, PruneConfig, "PruneConfig(sparsity=0.5)")
     if stats is None or stats.sq_mean is None:
         raise ValueError("wanda_prune needs input statistics with sq_mean (mean x² per input channel); collect "
                          "them with needs=('sq_mean',)")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.linear import QuantLinear
@@ -55,7 +56,7 @@ def output_error(delta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, x: torch.Tensor,
                cfg: AWQConfig | None = None) -> tuple[torch.Tensor, float, list[float]]:
     """Grid search of α for weight ``w`` (R, C) on inputs ``x`` (n, C): (best s (C,), best α, loss per α)."""
-    cfg = cfg or AWQConfig()
+    cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     w = w.detach().float()
     losses, best = [], (None, 0.0, float("inf"))
     for k in range(cfg.n_grid):
@@ -71,7 +72,7 @@ def awq_search(w: torch.Tensor, abs_mean: torch.Tensor, x: torch.Tensor,
 
 def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = None) -> QuantLinear:
     """Layer-level AWQ: search α, store Q(W·diag(s)) and s (the layer divides by s when it dequantizes)."""
-    cfg = cfg or AWQConfig()
+    cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     if stats is None or stats.abs_mean is None or stats.samples is None:
         raise ValueError("AWQ needs the mean |x| and sample rows of the layer's inputs; run it through "
                          "awq_model with calib_batches, or pass LayerInputs with abs_mean and samples set")
@@ -82,6 +83,6 @@ def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = Non
 
 def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | None = None, **driver) -> nn.Module:
     """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
-    cfg = cfg or AWQConfig()
+    cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,
                           needs=("abs_mean", "samples"), desc="AWQ", **driver)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.driver import quantize_model
 from effref.quantization.qat import share_linear
 from effref.runtime import progress_bar
@@ -96,7 +97,7 @@ class BitLinear(nn.Linear):
 def bitnet_model(model: nn.Module, cfg: BitNetConfig | None = None, block_ids: Sequence[int] | None = None,
                  progress: bool = True) -> nn.Module:
     """Model-level: every linear inside the decoder blocks becomes a BitLinear (embeddings and head stay float)."""
-    cfg = BitNetConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, BitNetConfig, "BitNetConfig()")
     return quantize_model(model, lambda name, linear, stats: BitLinear.from_linear(linear, cfg),
                           block_ids=block_ids, progress=progress, desc="BitLinear")
 

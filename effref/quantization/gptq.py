@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.compression.hessian import inverse_hessian_cholesky
 from effref.quantization.basics import QTensor, QuantConfig, dequantize_codes, find_params, quantize_codes
 from effref.quantization.driver import LayerInputs, quantize_model
@@ -95,7 +96,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig | None
     Returns the grid's result (``{"qtensor": QTensor, ...}``) plus ``"loss"``, the sum over columns of
     err_j² (the layer loss increase the algorithm accounts for, up to a constant).
     """
-    cfg = cfg or GPTQConfig()
+    cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     if w.ndim != 2 or hessian.shape != (w.shape[1], w.shape[1]):
         raise ValueError(f"w must be (R, C) and hessian (C, C); got w {tuple(w.shape)}, hessian "
                          f"{tuple(hessian.shape)} — pass stats.hessian of this layer's inputs")
@@ -145,7 +146,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: GPTQConfig | None
 
 def gptq_layer(linear: nn.Linear, stats: LayerInputs, cfg: GPTQConfig | None = None) -> QuantLinear:
     """Layer-level GPTQ: a QuantLinear replacing ``linear``, from its calibration statistics."""
-    cfg = cfg or GPTQConfig()
+    cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     if stats is None or stats.hessian is None:
         raise ValueError("GPTQ needs the Hessian of the layer's inputs; run it through gptq_model with "
                          "calib_batches, or pass LayerInputs with hessian set")
@@ -154,6 +155,6 @@ def gptq_layer(linear: nn.Linear, stats: LayerInputs, cfg: GPTQConfig | None = N
 
 def gptq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: GPTQConfig | None = None, **driver) -> nn.Module:
     """Model-level GPTQ: every linear of every block, calibrated sequentially (see ``quantize_model``)."""
-    cfg = cfg or GPTQConfig()
+    cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: gptq_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="GPTQ", **driver)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.basics import fake_quantize
 from effref.quantization.driver import LayerInputs
 from effref.quantization.smoothquant import (
@@ -108,7 +109,7 @@ def os_plus_transform(model: nn.Module, calib_batches: torch.Tensor | None = Non
     ``stats`` (from ``collect_group_stats(..., needs=("min", "max", "samples"))``) may be shared with
     SmoothQuant; otherwise one calibration pass over ``calib_batches`` collects them.
     """
-    cfg = OSPlusConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, OSPlusConfig, "OSPlusConfig()")
     groups = smoothing_groups(model, cfg.kinds)
     if stats is None:
         if calib_batches is None:
@@ -128,7 +129,7 @@ def os_plus_transform(model: nn.Module, calib_batches: torch.Tensor | None = Non
 def os_plus_model(model: nn.Module, calib_batches: torch.Tensor | None = None, cfg: OSPlusConfig | None = None,
                   stats: dict[str, LayerInputs] | None = None, progress: bool = True) -> nn.Module:
     """Outlier Suppression+ then W8A8 quantization of every block linear with ``cfg.quant``; in place."""
-    cfg = OSPlusConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, OSPlusConfig, "OSPlusConfig()")
     os_plus_transform(model, calib_batches, cfg, stats, progress)
     return wa_quantize_model(model, cfg.quant, progress=progress)
 

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.models.llama import KVCache, Llama
 from effref.quantization.basics import QuantConfig, code_range, find_params
 from effref.quantization.driver import quantize_model
@@ -205,7 +206,7 @@ def llm_qat(teacher: Llama, cfg: LLMQATConfig | None = None, data: torch.Tensor 
     ``data`` (n, T) may be passed to reuse generated text; otherwise ``generate_data`` makes it. The
     teacher is not modified. The student's KV quantization is applied inside attention through the cache.
     """
-    cfg = LLMQATConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, LLMQATConfig, "LLMQATConfig()")
     if not isinstance(teacher, Llama):
         raise TypeError(f"teacher must be an effref Llama (load_model(..., impl='effref')), got {type(teacher).__name__}")
     generator = torch.Generator().manual_seed(cfg.seed)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
 from effref.quantization.linear import QuantLinear
@@ -79,7 +80,7 @@ def incoherence_process(w: torch.Tensor, hessian: torch.Tensor, rot_out: Rotatio
 
 def quip_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: QuIPConfig | None = None) -> dict:
     """Rotate, round with GPTQ on H̃, and return ``{"qtensor", "rot_in", "rot_out", "loss"}`` for W (R, C)."""
-    cfg = cfg or QuIPConfig()
+    cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     generator = torch.Generator().manual_seed(cfg.seed)
     rot_out = random_rotation(w.shape[0], cfg.rotation, generator)
     rot_in = random_rotation(w.shape[1], cfg.rotation, generator)
@@ -92,7 +93,7 @@ def quip_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: QuIPConfig | None
 
 def quip_layer(linear: nn.Linear, stats: LayerInputs, cfg: QuIPConfig | None = None) -> QuantLinear:
     """Layer-level QuIP: a QuantLinear storing Q(U W Vᵀ) and the rotations (factors + signs)."""
-    cfg = cfg or QuIPConfig()
+    cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     if stats is None or stats.hessian is None:
         raise ValueError("QuIP needs the Hessian of the layer's inputs; run it through quip_model with "
                          "calib_batches, or pass LayerInputs with hessian set")
@@ -102,6 +103,6 @@ def quip_layer(linear: nn.Linear, stats: LayerInputs, cfg: QuIPConfig | None = N
 
 def quip_model(model: nn.Module, calib_batches: torch.Tensor, cfg: QuIPConfig | None = None, **driver) -> nn.Module:
     """Model-level QuIP over every linear of every block (see ``quantize_model``)."""
-    cfg = cfg or QuIPConfig()
+    cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     return quantize_model(model, lambda name, linear, stats: quip_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="QuIP", **driver)

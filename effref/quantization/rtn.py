@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.linear import QuantLinear
@@ -19,11 +20,11 @@ from effref.quantization.linear import QuantLinear
 
 def rtn_layer(linear: nn.Linear, stats: LayerInputs | None = None, cfg: QuantConfig | None = None) -> QuantLinear:
     """Layer-level RTN: ``linear`` with its weight rounded to the nearest grid point (``stats`` is unused)."""
-    cfg = cfg or QuantConfig()
+    cfg = config_or_default(cfg, QuantConfig, "QuantConfig(bits=4, group_size=128)")
     return QuantLinear.from_linear(linear, quantize(linear.weight, cfg))
 
 
 def rtn_model(model: nn.Module, cfg: QuantConfig | None = None, **driver) -> nn.Module:
     """Model-level RTN: every linear of every decoder block, no calibration (see ``quantize_model``)."""
-    cfg = cfg or QuantConfig()
+    cfg = config_or_default(cfg, QuantConfig, "QuantConfig(bits=4, group_size=128)")
     return quantize_model(model, lambda name, linear, stats: rtn_layer(linear, stats, cfg), desc="RTN", **driver)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.compression.calibration import find_blocks
 from effref.quantization.driver import LayerInputs, collect_statistics
 from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
@@ -245,6 +246,6 @@ def smoothquant_model(model: nn.Module, calib_batches: torch.Tensor | None = Non
                       cfg: SmoothQuantConfig | None = None, stats: dict[str, LayerInputs] | None = None,
                       progress: bool = True) -> nn.Module:
     """Smooth with ``cfg.alpha``, then quantize every block linear with ``cfg.quant`` (W8A8); in place."""
-    cfg = SmoothQuantConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, SmoothQuantConfig, "SmoothQuantConfig(alpha=0.5)")
     smooth_model(model, calib_batches, cfg.alpha, cfg.kinds, stats, progress)
     return wa_quantize_model(model, cfg.quant, progress=progress)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.basics import QTensor, QuantConfig, quantize_codes
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.gptq import GPTQConfig, Grid, gptq_quantize
@@ -125,7 +126,7 @@ class SpQRGrid(Grid):
 
 def spqr_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig | None = None) -> dict:
     """SpQR for one weight (R, C): ``{"qtensor", "outliers" (R, C) bool mask, "sparse_idx", "sparse_val"}``."""
-    cfg = cfg or SpQRConfig()
+    cfg = config_or_default(cfg, SpQRConfig, "SpQRConfig()")
     rows, cols = w.shape
     grid = SpQRGrid(cfg, rows, cols, w.device)
     gcfg = GPTQConfig(grid.cfg, cfg.gptq.block_size, cfg.gptq.damp, act_order=False)
@@ -134,7 +135,7 @@ def spqr_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: SpQRConfig | None
 
 def spqr_layer(linear: nn.Linear, stats: LayerInputs, cfg: SpQRConfig | None = None) -> QuantLinear:
     """Layer-level SpQR: a QuantLinear with bilevel-quantized groups plus sparse fp16 outliers."""
-    cfg = cfg or SpQRConfig()
+    cfg = config_or_default(cfg, SpQRConfig, "SpQRConfig()")
     if stats is None or stats.hessian is None:
         raise ValueError("SpQR needs the Hessian of the layer's inputs; run it through spqr_model with "
                          "calib_batches, or pass LayerInputs with hessian set")
@@ -145,6 +146,6 @@ def spqr_layer(linear: nn.Linear, stats: LayerInputs, cfg: SpQRConfig | None = N
 
 def spqr_model(model: nn.Module, calib_batches: torch.Tensor, cfg: SpQRConfig | None = None, **driver) -> nn.Module:
     """Model-level SpQR over every linear of every block (see ``quantize_model``)."""
-    cfg = cfg or SpQRConfig()
+    cfg = config_or_default(cfg, SpQRConfig, "SpQRConfig()")
     return quantize_model(model, lambda name, linear, stats: spqr_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="SpQR", **driver)

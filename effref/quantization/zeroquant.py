@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import quantize_model
 from effref.quantization.linear import QuantLinear
@@ -131,7 +132,7 @@ def wa_quantize_model(model: nn.Module, cfg: WAQuantConfig, block_ids: Sequence[
 def zeroquant_model(model: nn.Module, cfg: WAQuantConfig | None = None, block_ids: Sequence[int] | None = None,
                     progress: bool = True) -> nn.Module:
     """ZeroQuant W8A8: group-wise symmetric int8 weights, per-token dynamic int8 activations (``cfg`` default)."""
-    cfg = WAQuantConfig() if cfg is None else cfg
+    cfg = config_or_default(cfg, WAQuantConfig, "WAQuantConfig(group_size=64)")
     if cfg.a_granularity != "token":
         raise ValueError(f"cfg.a_granularity={cfg.a_granularity!r}: ZeroQuant quantizes activations per token; "
                          "use wa_quantize_model for other schemes (e.g. the naive per-tensor W8A8)")

@@ -23,6 +23,7 @@ from effref.inference.speculative import (
     expected_tokens_per_call,
     speculative_generate,
     speculative_verify,
+    token_probs,
 )
 from effref.models.llama import KVCache
 
@@ -164,6 +165,18 @@ def test_eos_stops_generation(tiny_llama, random_ids) -> None:
 def test_bad_configs_are_rejected(kwargs, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SpeculativeConfig(**kwargs)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((1.0, None, 0.0), r"top_p=0.0 must lie in \(0, 1\]"),  # would divide 0 by 0: NaN rows
+    ((-1.0,), "temperature=-1.0 must be >= 0"),  # would turn the distribution upside down
+    ((1.0, 0), "top_k=0 must be an integer >= 1"),  # would index the 0-th largest of nothing
+    ((1.0, 2.5), "top_k=2.5 must be an integer >= 1"),
+    ((1.0, None, 1.5), r"top_p=1.5 must lie in \(0, 1\]"),
+])
+def test_token_probs_refuses_bad_sampling_parameters(args, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        token_probs(torch.randn(2, 8), *args)
 
 
 def test_mismatched_vocabularies_are_rejected(tiny_llama, random_ids) -> None:

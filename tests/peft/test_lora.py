@@ -162,6 +162,8 @@ def test_lora_wraps_a_quantized_like_layer_but_refuses_to_merge_it():
     ({"r": 65}, ValueError, "r=65 exceeds min"),
     ({"r": 4, "target_modules": ("qkv",)}, ValueError, "match no linear layer.*q_proj"),
     ({"r": 4, "dropout": 1.5}, ValueError, "dropout=1.5"),
+    ({"r": 4, "alpha": 0}, ValueError, "alpha=0 must be a positive number"),  # an adapter with no effect
+    ({"r": 4, "alpha": -8}, ValueError, "alpha=-8 must be a positive number"),
 ])
 def test_apply_lora_rejects_bad_input(kwargs, error, match):
     model = tiny()

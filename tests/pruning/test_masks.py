@@ -74,10 +74,17 @@ def test_model_level_sparsity_is_exact_per_layer_and_globally(impl, cfg):
     ({"nm": (5, 4)}, "N must be <= M"),
     ({"nm": "2-4"}, "not an N:M pattern"),
     ({"nm": (0, 4)}, "positive integers"),
+    ({"sparsity": 0.9, "nm": "2:4"}, "sparsity=0.9 contradicts nm=2:4"),  # was silently 50%
 ])
 def test_config_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PruneConfig(**kwargs)
+
+
+def test_config_sparsity_follows_the_pattern():
+    assert PruneConfig().sparsity == 0.5 and PruneConfig(0.7).sparsity == 0.7
+    assert PruneConfig(nm="2:4").sparsity == 0.5 and PruneConfig(nm=(1, 4)).sparsity == 0.75
+    assert PruneConfig(0.5, nm="2:4").nm == (2, 4)  # the same sparsity said twice is fine
 
 
 def test_incompatible_shapes_and_groups_are_rejected():

@@ -1,0 +1,74 @@
+"""Every model-level call refuses a config of the wrong type by name, with what to pass, and changes nothing.
+
+Before, a ``QuantConfig`` where a ``GPTQConfig`` belongs failed deep inside GPTQ with "'QuantConfig' object has no
+attribute 'quant'", and a bare float where a ``PruneConfig`` belongs with "'float' object has no attribute
+'check_shape'".
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from effref.checks import config_or_default
+from effref.peft.lora import LoraConfig, apply_lora
+from effref.pruning import PruneConfig
+from effref.pruning.llm_pruner import llm_prune
+from effref.pruning.magnitude import magnitude_prune_model
+from effref.pruning.sparsegpt import sparsegpt_prune_model
+from effref.pruning.wanda import wanda_prune_model
+from effref.quantization import QuantConfig
+from effref.quantization.awq import awq_model
+from effref.quantization.gptq import gptq_model
+from effref.quantization.outlier_suppression import os_plus_model
+from effref.quantization.quip import quip_model
+from effref.quantization.rtn import rtn_model
+from effref.quantization.smoothquant import smoothquant_model
+from effref.quantization.spqr import spqr_model
+from effref.quantization.zeroquant import zeroquant_model
+
+
+def tiny_model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+CALIB = torch.randint(0, 64, (2, 16))
+
+CASES = [  # (call, what it was given, the expected class named in the error)
+    (lambda m: gptq_model(m, CALIB, QuantConfig(4)), "GPTQConfig"),
+    (lambda m: awq_model(m, CALIB, QuantConfig(4)), "AWQConfig"),
+    (lambda m: spqr_model(m, CALIB, QuantConfig(3)), "SpQRConfig"),
+    (lambda m: quip_model(m, CALIB, QuantConfig(2)), "QuIPConfig"),
+    (lambda m: rtn_model(m, {"bits": 4}), "QuantConfig"),
+    (lambda m: smoothquant_model(m, CALIB, 0.5), "SmoothQuantConfig"),
+    (lambda m: os_plus_model(m, CALIB, QuantConfig(8)), "OSPlusConfig"),
+    (lambda m: zeroquant_model(m, QuantConfig(8)), "WAQuantConfig"),
+    (lambda m: wanda_prune_model(m, 0.5, CALIB), "PruneConfig"),  # the other argument order
+    (lambda m: sparsegpt_prune_model(m, "2:4", CALIB), "PruneConfig"),
+    (lambda m: magnitude_prune_model(m, 0.5), "PruneConfig"),
+    (lambda m: llm_prune(m, CALIB, PruneConfig(0.3)), "LLMPrunerConfig"),
+    (lambda m: apply_lora(m, {"r": 8}), "LoraConfig"),
+]
+
+
+@pytest.mark.parametrize("call, expected", CASES, ids=[c[1] + f"-{i}" for i, c in enumerate(CASES)])
+def test_wrong_config_type_is_named_with_the_fix_and_nothing_changes(call, expected):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match=rf"cfg must be a {expected}, got \w+ .*; pass e.g. {expected}\("):
+        call(model)
+    assert [type(m) for m in model.modules()] == modules
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_config_or_default():
+    assert config_or_default(None, LoraConfig, "LoraConfig()") == LoraConfig()
+    cfg = LoraConfig(r=4)
+    assert config_or_default(cfg, LoraConfig, "LoraConfig()") is cfg
+    with pytest.raises(TypeError, match=r"settings must be a LoraConfig, got dict \{'r': 4\}; pass e.g. X"):
+        config_or_default({"r": 4}, LoraConfig, "X", name="settings")
