@@ -167,6 +167,10 @@ def _bad_forward(model: Llama, case: str) -> None:
         model(ids(1, 4)[0])
     elif case == "float":
         model(ids(1, 4).float())
+    elif case == "id-too-large":
+        model(torch.tensor([[1, 2, model.cfg.vocab_size]]))
+    elif case == "id-negative":
+        model(torch.tensor([[1, -3, 2]]))
     elif case == "too-long":
         model(ids(1, 97))
     elif case == "cache-past-max":
@@ -194,6 +198,8 @@ def _bad_forward(model: Llama, case: str) -> None:
 @pytest.mark.parametrize("case, match", [
     ("1d", r"shape \(B, T\)"),
     ("float", r"integer token ids"),
+    ("id-too-large", r"token ids from 1 to 128, outside this model's vocabulary 0..127"),
+    ("id-negative", r"token ids from -3 to 2, outside"),
     ("too-long", r"97 new tokens exceed max_seq_len=96"),
     ("cache-past-max", r"90 cached \+ 7 new tokens exceed max_seq_len=96"),
     ("cache-batch", r"cache.batch_size=1 but input_ids has B=2"),

@@ -200,6 +200,9 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
                                       or calib_batches.is_floating_point()):
         raise ValueError("calib_batches must be a (n, T) tensor of token ids, got "
                          f"{getattr(calib_batches, 'shape', type(calib_batches).__name__)}")
+    if calib_batches is not None and calib_batches.numel() == 0:
+        raise ValueError(f"calib_batches of shape {tuple(calib_batches.shape)} holds no tokens; pass at least one "
+                         "sequence, e.g. calibration_batches(ids, n=16, seq_len=256)")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     prefix, blocks = find_blocks(model)

@@ -271,6 +271,10 @@ class Llama(nn.Module):
         if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
             raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
                              f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
+        low, high = input_ids.min().item(), input_ids.max().item()
+        if low < 0 or high >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids hold token ids from {low} to {high}, outside this model's vocabulary "
+                             f"0..{self.cfg.vocab_size - 1}; tokenize with the model's own tokenizer")
         B, T = input_ids.shape
         offset = 0 if cache is None else cache.length
         if offset + T > self.cfg.max_seq_len:

@@ -93,6 +93,7 @@ def test_inverse_hessian_cholesky_factors_the_damped_inverse():
     ({"needs": ("hessians",)}, "not known statistics"),
     ({"needs": ("hessian",)}, "calib_batches=None"),
     ({"needs": ("hessian",), "calib_batches": torch.rand(2, 4)}, "tensor of token ids"),
+    ({"needs": ("hessian",), "calib_batches": torch.zeros(0, 4, dtype=torch.long)}, r"shape \(0, 4\) holds no tokens"),
     ({"needs": ("hessian",), "calib_batches": torch.zeros(2, 4, dtype=torch.long), "batch_size": 0}, "batch_size=0"),
     ({"block_ids": [5]}, "out of range"),
     ({"target": lambda name, m: False}, "selected no nn.Linear"),
