@@ -39,6 +39,18 @@ def test_missing_offline_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
         load_model("smollm2-135m", source="offline")
 
 
+def test_auto_source_offline_without_the_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
+    # auto falls back to the hub when the offline copy is missing; with no network that used to surface as
+    # transformers' "couldn't connect" instead of the promised AssetMissingError
+    monkeypatch.setenv("EFFREF_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache: nothing to fall back on
+    monkeypatch.delenv("EFFREF_MODEL_SOURCE", raising=False)
+    with pytest.raises(assets.AssetMissingError, match=r"not fetched and the hub .* could not be reached.*"
+                                                        r"python -m effref.assets fetch smollm2-135m"):
+        load_model("smollm2-135m")
+
+
 @pytest.mark.slow
 def test_offline_smollm2_loads_with_its_provenance():
     if not assets.is_available("smollm2-135m"):

@@ -103,8 +103,16 @@ def _load_transformers(name: str, spec: ModelSpec, source: str, dtype: torch.dty
     else:
         location, detail = spec.hub_id, "hub weights as published"
     hf_logging.disable_progress_bar()
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(location)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as exc:  # the hub was chosen only because the offline copy is missing, and it is unreachable
+        if origin != "hub" or source != "auto" or spec.offline_asset is None:
+            raise
+        raise assets.AssetMissingError(
+            f"model {name!r}: the offline copy is not fetched and the hub ({spec.hub_id}) could not be reached "
+            f"({type(exc).__name__}); run `python -m effref.assets fetch {spec.offline_asset}`, or connect to the "
+            "internet", asset=spec.offline_asset) from exc
     return model, tokenizer, ModelSource(name, origin, location, detail)
 
 
