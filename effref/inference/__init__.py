@@ -12,3 +12,22 @@
   predictors, sparse MLP and sparse attention); ``dejavu_predictor`` holds the shared predictor and top-k
   selection, ``dejavu_heads`` the attention-head part.
 """
+
+from effref.inference.bild import BiLDConfig, bild_generate
+from effref.inference.drafts import layer_skip_draft
+from effref.inference.flexgen import Hardware, Workload, search_policy
+from effref.inference.kv_eval import decode_greedy, decode_nll
+from effref.inference.kv_policies import H2OCache, ScissorhandsCache, StreamingCache
+from effref.inference.llma import llma_generate
+from effref.inference.lookahead import LookaheadConfig, lookahead_generate
+from effref.inference.medusa import MedusaHeads, medusa_generate, train_medusa_heads
+from effref.inference.skipdecode import SkipDecodeConfig, skipdecode_generate
+from effref.inference.specinfer import specinfer_generate
+from effref.inference.speculative import Sampling, SpeculativeConfig, speculative_generate, token_probs
+
+# Deja Vu's pieces (importance, predictors, sparse MLP and heads) are imported from their modules.
+__all__ = ["BiLDConfig", "H2OCache", "Hardware", "LookaheadConfig", "MedusaHeads", "Sampling", "ScissorhandsCache",
+           "SkipDecodeConfig", "SpeculativeConfig", "StreamingCache", "bild_generate", "decode_greedy", "decode_nll",
+           "layer_skip_draft", "llma_generate", "lookahead_generate", "medusa_generate", "skipdecode_generate",
+           "search_policy", "specinfer_generate", "speculative_generate", "token_probs", "train_medusa_heads",
+           "Workload"]
