@@ -19,8 +19,8 @@ from effref.pruning.magnitude import magnitude_prune_model
 from effref.pruning.sparsegpt import sparsegpt_prune_model
 from effref.pruning.wanda import wanda_prune_model
 from effref.quantization import QuantConfig
-from effref.quantization.awq import awq_model
-from effref.quantization.gptq import gptq_model
+from effref.quantization.awq import AWQConfig, awq_model
+from effref.quantization.gptq import GPTQConfig, gptq_model
 from effref.quantization.outlier_suppression import os_plus_model
 from effref.quantization.quip import quip_model
 from effref.quantization.rtn import rtn_model
@@ -72,3 +72,45 @@ def test_config_or_default():
     assert config_or_default(cfg, LoraConfig, "LoraConfig()") is cfg
     with pytest.raises(TypeError, match=r"settings must be a LoraConfig, got dict \{'r': 4\}; pass e.g. X"):
         config_or_default({"r": 4}, LoraConfig, "X", name="settings")
+
+
+def odd_model() -> LlamaForCausalLM:
+    """A model whose MLP is 96 wide: down_proj's input dimension has no divisor 64 for a group size."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2)).eval()
+
+
+ATOMIC_CASES = [  # a call that refuses one layer of odd_model(), and what it says
+    (lambda m: rtn_model(m, QuantConfig(4, group_size=64), progress=False), "down_proj: group_size=64"),
+    (lambda m: gptq_model(m, CALIB, GPTQConfig(QuantConfig(4, group_size=64)), progress=False), "down_proj"),
+    (lambda m: awq_model(m, CALIB, AWQConfig(QuantConfig(4, group_size=64)), progress=False), "down_proj"),
+    (lambda m: wanda_prune_model(m, PruneConfig(nm=(2, 64)), CALIB, progress=False), "divisible by M=64"),
+    (lambda m: magnitude_prune_model(m, PruneConfig(nm=(2, 64)), progress=False), "divisible by M=64"),
+    (lambda m: sparsegpt_prune_model(m, PruneConfig(nm=(2, 64)), CALIB, progress=False), "divisible by M=64"),
+]
+
+
+@pytest.mark.parametrize("call, message", ATOMIC_CASES, ids=range(len(ATOMIC_CASES)))
+def test_a_refused_layer_leaves_the_whole_model_as_it_was(call, message):
+    # validate every layer, then change: before, RTN had swapped 6 of 14 linears when the 7th raised
+    model = odd_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=message):
+        call(model)
+    assert [type(m) for m in model.modules()] == modules
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("call", [lambda m: rtn_model(m, QuantConfig(4, group_size=32), progress=False),
+                                  lambda m: wanda_prune_model(m, PruneConfig(0.5), CALIB, progress=False)],
+                         ids=["rtn", "wanda"])
+def test_nan_weights_are_refused_before_anything_changes(call):
+    model = odd_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj has inf or NaN weights"):
+        call(model)
+    assert all(torch.equal(before[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())

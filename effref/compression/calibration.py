@@ -183,8 +183,12 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
                  needs: Collection[str] = (), target: Callable[[str, nn.Module], bool] | None = None,
                  block_ids: Sequence[int] | None = None, sequential: bool = True, batch_size: int = 4,
                  max_samples: int = 512, seed: int = 0, progress: bool = True,
-                 desc: str = "calibrating") -> nn.Module:
+                 desc: str = "calibrating", check: Callable[[str, nn.Linear], None] | None = None) -> nn.Module:
     """Call ``layer_fn(name, linear, stats)`` on every target linear of the decoder blocks; return the model.
+
+    Validate first, then change: before any forward pass or any ``layer_fn`` call, every target linear must
+    have finite weights and pass ``check(name, linear)`` (which raises with the fix), so that a method refusing
+    one layer leaves the model exactly as it was.
 
     ``stats`` is an :class:`InputStats` holding the statistics named in ``needs`` (a subset of ``STATS``), or
     None when ``needs`` is empty (then no calibration forward runs). ``layer_fn`` returns a replacement
@@ -207,6 +211,13 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     prefix, blocks = find_blocks(model)
     plan = block_linears(model, target, block_ids)
+    for i, linears in plan.items():
+        for name, linear in linears.items():
+            if not torch.isfinite(linear.weight).all():
+                raise ValueError(f"{prefix}.{i}.{name} has inf or NaN weights; compressing them would carry the "
+                                 "damage on silently, so find where they came from (a diverged training step?)")
+            if check is not None:
+                check(f"{prefix}.{i}.{name}", linear)
     bar = progress_bar(total=sum(len(v) for v in plan.values()), desc=desc, disable=not progress)
     records, keep, generator = None, 0, torch.Generator().manual_seed(seed)
     if needs:
@@ -243,14 +254,20 @@ def map_linears(model: nn.Module, layer_fn: LayerFn, needs: Collection[str] = ()
                              " pass calib_batches=(n, T) token ids or stats=collect_input_stats(model, calib_batches)")
         return walk_linears(model, layer_fn, calib_batches, needs, **walk_kwargs)
 
-    def from_stats(name: str, linear: nn.Linear, _: InputStats | None) -> nn.Module | None:
+    method_check = walk_kwargs.pop("check", None)
+
+    def check(name: str, linear: nn.Linear) -> None:  # every layer's statistics exist before anything changes
         s = stats.get(name)
         missing = [k for k in needs if s is None or getattr(s, k) is None]
         if missing:
             raise ValueError(f"stats for {name} lack {missing}; collect them with needs={tuple(needs)}")
-        return layer_fn(name, linear, s)
+        if method_check is not None:
+            method_check(name, linear)
 
-    return walk_linears(model, from_stats, None, (), **walk_kwargs)
+    def from_stats(name: str, linear: nn.Linear, _: InputStats | None) -> nn.Module | None:
+        return layer_fn(name, linear, stats[name])
+
+    return walk_linears(model, from_stats, None, (), check=check, **walk_kwargs)
 
 
 def collect_input_stats(model: nn.Module, calib_batches: torch.Tensor, needs: Collection[str] = ("hessian",),

@@ -139,14 +139,20 @@ def prune_linears(model: nn.Module, method: LayerPruner, cfg: PruneConfig, needs
     cfg = config_or_default(cfg, PruneConfig, "PruneConfig(sparsity=0.5)")
     masks: dict[str, torch.Tensor] = {}
 
+    def config_for(name: str) -> PruneConfig:
+        return cfg if not sparsities or name not in sparsities else replace(cfg, sparsity=sparsities[name], nm=None)
+
+    def check(name: str, linear: nn.Linear) -> None:  # every layer, before the first one is pruned
+        config_for(name).check_shape(linear.weight)
+
     def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> None:
-        layer_cfg = cfg if not sparsities or name not in sparsities else replace(cfg, sparsity=sparsities[name],
-                                                                                   nm=None)
+        layer_cfg = config_for(name)
         weight, mask = method(linear.weight.data, s, layer_cfg)
         linear.weight.data.copy_(weight)
         masks[name] = mask
 
-    map_linears(model, layer_fn, needs, calib_batches, stats, progress=progress, desc=desc, **walk_kwargs)
+    map_linears(model, layer_fn, needs, calib_batches, stats, progress=progress, desc=desc, check=check,
+                **walk_kwargs)
     return masks
 
 

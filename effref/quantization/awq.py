@@ -25,7 +25,7 @@ from torch import nn
 
 from effref.checks import config_or_default
 from effref.quantization.basics import QuantConfig, quantize
-from effref.quantization.driver import LayerInputs, quantize_model
+from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.linear import QuantLinear
 
 
@@ -85,4 +85,4 @@ def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | No
     """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
     cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,
-                          needs=("abs_mean", "samples"), desc="AWQ", **driver)
+                          needs=("abs_mean", "samples"), desc="AWQ", check=group_check(cfg.quant), **driver)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from effref.compression.calibration import STATS, InputStats, collect_input_stats, find_blocks, map_linears
-from effref.quantization.basics import QTensor
+from effref.quantization.basics import QTensor, QuantConfig
 from effref.quantization.linear import QuantLinear
 
 LayerInputs = InputStats  # the statistics a quantization layer function receives (name kept for readability)
@@ -61,7 +61,8 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
                    target: Callable[[str, nn.Module], bool] = default_target, needs: Collection[str] = (),
                    block_ids: Sequence[int] | None = None, batch_size: int = 4, max_samples: int = 512,
                    seed: int = 0, progress: bool = True, desc: str = "quantizing",
-                   stats: Mapping[str, LayerInputs] | None = None) -> nn.Module:
+                   stats: Mapping[str, LayerInputs] | None = None,
+                   check: Callable[[str, nn.Linear], None] | None = None) -> nn.Module:
     """Quantize ``model``'s target linears in place, block by block, with ``method_fn``; return the model.
 
     ``method_fn(name, linear, stats)`` returns the replacement module (or a QTensor); ``stats`` is a
@@ -72,6 +73,8 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
     work to some blocks (the rest keep full precision); ``max_samples`` caps the rows kept for "samples".
     ``stats`` (from :func:`collect_statistics`) replaces calibration: no forward pass runs, and every block
     uses statistics of the full-precision model (non-sequential, but shareable between methods).
+    ``check(name, linear)`` runs on every target linear before anything changes (e.g. that a group size
+    divides its input dimension), so a refused layer leaves the whole model as it was.
     """
     _check_target(model, target)
 
@@ -85,7 +88,17 @@ def quantize_model(model: nn.Module, method_fn: LayerFn, calib_batches: torch.Te
 
     return map_linears(model, replace, needs, calib_batches, dict(stats) if stats is not None else None,
                        target=target, block_ids=block_ids, batch_size=batch_size, max_samples=max_samples,
-                       seed=seed, progress=progress, desc=desc)
+                       seed=seed, progress=progress, desc=desc, check=check)
+
+
+def group_check(quant: QuantConfig) -> Callable[[str, nn.Linear], None]:
+    """A ``check`` for :func:`quantize_model`: ``quant``'s group size must divide every layer's input dim."""
+    def check(name: str, linear: nn.Linear) -> None:
+        try:
+            quant.check_input_dim(linear.in_features)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return check
 
 
 def collect_statistics(model: nn.Module, calib_batches: torch.Tensor,

@@ -28,7 +28,7 @@ from torch import nn
 from effref.checks import config_or_default
 from effref.compression.hessian import inverse_hessian_cholesky
 from effref.quantization.basics import QTensor, QuantConfig, dequantize_codes, find_params, quantize_codes
-from effref.quantization.driver import LayerInputs, quantize_model
+from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.linear import QuantLinear
 
 
@@ -157,4 +157,4 @@ def gptq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: GPTQConfig | 
     """Model-level GPTQ: every linear of every block, calibrated sequentially (see ``quantize_model``)."""
     cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: gptq_layer(linear, stats, cfg), calib_batches,
-                          needs=("hessian",), desc="GPTQ", **driver)
+                          needs=("hessian",), desc="GPTQ", check=group_check(cfg.quant), **driver)

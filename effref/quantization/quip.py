@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from effref.checks import config_or_default
-from effref.quantization.driver import LayerInputs, quantize_model
+from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
 from effref.quantization.linear import QuantLinear
 from effref.quantization.rotations import hadamard_factors, kron_right
@@ -105,4 +105,4 @@ def quip_model(model: nn.Module, calib_batches: torch.Tensor, cfg: QuIPConfig | 
     """Model-level QuIP over every linear of every block (see ``quantize_model``)."""
     cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     return quantize_model(model, lambda name, linear, stats: quip_layer(linear, stats, cfg), calib_batches,
-                          needs=("hessian",), desc="QuIP", **driver)
+                          needs=("hessian",), desc="QuIP", check=group_check(cfg.gptq.quant), **driver)

@@ -14,7 +14,7 @@ from torch import nn
 
 from effref.checks import config_or_default
 from effref.quantization.basics import QuantConfig, quantize
-from effref.quantization.driver import LayerInputs, quantize_model
+from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.linear import QuantLinear
 
 
@@ -27,4 +27,5 @@ def rtn_layer(linear: nn.Linear, stats: LayerInputs | None = None, cfg: QuantCon
 def rtn_model(model: nn.Module, cfg: QuantConfig | None = None, **driver) -> nn.Module:
     """Model-level RTN: every linear of every decoder block, no calibration (see ``quantize_model``)."""
     cfg = config_or_default(cfg, QuantConfig, "QuantConfig(bits=4, group_size=128)")
-    return quantize_model(model, lambda name, linear, stats: rtn_layer(linear, stats, cfg), desc="RTN", **driver)
+    return quantize_model(model, lambda name, linear, stats: rtn_layer(linear, stats, cfg), desc="RTN",
+                          check=group_check(cfg), **driver)
