@@ -4,11 +4,15 @@ the fix, instead of deep inside a technique with an attribute error.
 ``config_or_default(cfg, Expected, example)`` is the one every model-level call runs on its config: ``None``
 gives ``Expected()``, an instance passes, anything else (a float where a ``PruneConfig`` belongs, a
 ``QuantConfig`` where a ``GPTQConfig`` wraps one, a dict) raises a ``TypeError`` saying what to pass.
+``calibration_or_none(calib_batches, call)`` guards the one argument order every model-level compression call
+uses, ``(model, calib_batches, cfg)``: a config in the batches' place is refused with that order.
 """
 
 from __future__ import annotations
 
 from typing import TypeVar
+
+import torch
 
 Config = TypeVar("Config")
 
@@ -21,3 +25,12 @@ def config_or_default(value: object, expected: type[Config], example: str, name:
         raise TypeError(f"{name} must be a {expected.__name__}, got {type(value).__name__} {value!r}; "
                         f"pass e.g. {example}")
     return value
+
+
+def calibration_or_none(value: object, call: str) -> torch.Tensor | None:
+    """``value`` when it is a tensor (the (n, T) token ids) or None; anything else is refused with the order."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    raise TypeError(f"{call} takes (model, calib_batches, cfg), like every model-level compression call: "
+                    f"calib_batches must be a (n, T) tensor of token ids or None, got {type(value).__name__}; "
+                    "pass the config after the batches, or as cfg=...")

@@ -46,8 +46,8 @@ CASES = [  # (call, what it was given, the expected class named in the error)
     (lambda m: smoothquant_model(m, CALIB, 0.5), "SmoothQuantConfig"),
     (lambda m: os_plus_model(m, CALIB, QuantConfig(8)), "OSPlusConfig"),
     (lambda m: zeroquant_model(m, QuantConfig(8)), "WAQuantConfig"),
-    (lambda m: wanda_prune_model(m, 0.5, CALIB), "PruneConfig"),  # the other argument order
-    (lambda m: sparsegpt_prune_model(m, "2:4", CALIB), "PruneConfig"),
+    (lambda m: wanda_prune_model(m, CALIB, 0.5), "PruneConfig"),
+    (lambda m: sparsegpt_prune_model(m, CALIB, "2:4"), "PruneConfig"),
     (lambda m: magnitude_prune_model(m, 0.5), "PruneConfig"),
     (lambda m: llm_prune(m, CALIB, PruneConfig(0.3)), "LLMPrunerConfig"),
     (lambda m: apply_lora(m, {"r": 8}), "LoraConfig"),
@@ -85,9 +85,9 @@ ATOMIC_CASES = [  # a call that refuses one layer of odd_model(), and what it sa
     (lambda m: rtn_model(m, QuantConfig(4, group_size=64), progress=False), "down_proj: group_size=64"),
     (lambda m: gptq_model(m, CALIB, GPTQConfig(QuantConfig(4, group_size=64)), progress=False), "down_proj"),
     (lambda m: awq_model(m, CALIB, AWQConfig(QuantConfig(4, group_size=64)), progress=False), "down_proj"),
-    (lambda m: wanda_prune_model(m, PruneConfig(nm=(2, 64)), CALIB, progress=False), "divisible by M=64"),
+    (lambda m: wanda_prune_model(m, CALIB, PruneConfig(nm=(2, 64)), progress=False), "divisible by M=64"),
     (lambda m: magnitude_prune_model(m, PruneConfig(nm=(2, 64)), progress=False), "divisible by M=64"),
-    (lambda m: sparsegpt_prune_model(m, PruneConfig(nm=(2, 64)), CALIB, progress=False), "divisible by M=64"),
+    (lambda m: sparsegpt_prune_model(m, CALIB, PruneConfig(nm=(2, 64)), progress=False), "divisible by M=64"),
 ]
 
 
@@ -104,7 +104,7 @@ def test_a_refused_layer_leaves_the_whole_model_as_it_was(call, message):
 
 
 @pytest.mark.parametrize("call", [lambda m: rtn_model(m, QuantConfig(4, group_size=32), progress=False),
-                                  lambda m: wanda_prune_model(m, PruneConfig(0.5), CALIB, progress=False)],
+                                  lambda m: wanda_prune_model(m, CALIB, PruneConfig(0.5), progress=False)],
                          ids=["rtn", "wanda"])
 def test_nan_weights_are_refused_before_anything_changes(call):
     model = odd_model()
@@ -114,3 +114,19 @@ def test_nan_weights_are_refused_before_anything_changes(call):
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj has inf or NaN weights"):
         call(model)
     assert all(torch.equal(before[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda m: wanda_prune_model(m, PruneConfig(0.5), CALIB), "wanda_prune_model"),
+    (lambda m: sparsegpt_prune_model(m, PruneConfig(0.5), CALIB), "sparsegpt_prune_model"),
+    (lambda m: gptq_model(m, GPTQConfig(), CALIB), "gptq_model"),
+    (lambda m: awq_model(m, AWQConfig(), CALIB), "awq_model"),
+    (lambda m: smoothquant_model(m, QuantConfig(8), CALIB), "smoothquant_model"),
+])
+def test_the_old_argument_order_is_refused_with_the_one_order(call, name):
+    # every model-level compression call takes (model, calib_batches, cfg); pruners used to take the config first
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TypeError, match=rf"{name} takes \(model, calib_batches, cfg\).*got \w*Config"):
+        call(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effref.checks import calibration_or_none
 from effref.compression.calibration import InputStats
 from effref.compression.hessian import inverse_hessian_cholesky
 from effref.pruning.masks import PruneConfig, lowest, nm_mask, prune_linears, split_count
@@ -87,8 +88,9 @@ def sparsegpt_prune(weight: torch.Tensor, stats: InputStats, cfg: PruneConfig | 
     return W.to(weight.dtype), mask
 
 
-def sparsegpt_prune_model(model: nn.Module, cfg: PruneConfig, calib_batches: torch.Tensor | None = None,
+def sparsegpt_prune_model(model: nn.Module, calib_batches: torch.Tensor | None = None, cfg: PruneConfig | None = None,
                           **kwargs) -> dict[str, torch.Tensor]:
     """SparseGPT on every linear of the decoder blocks, in place, sequentially by default; {name: mask}."""
+    calib_batches = calibration_or_none(calib_batches, "sparsegpt_prune_model")
     return prune_linears(model, sparsegpt_prune, cfg, needs=("hessian",), calib_batches=calib_batches,
                          desc="sparsegpt", **kwargs)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.compression.calibration import InputStats
 from effref.pruning.masks import PruneConfig, prune_linears, prune_mask
 
@@ -38,8 +38,9 @@ def wanda_prune(weight: torch.Tensor, stats: InputStats, cfg: PruneConfig | None
     return weight.masked_fill(mask, 0), mask
 
 
-def wanda_prune_model(model: nn.Module, cfg: PruneConfig, calib_batches: torch.Tensor | None = None,
+def wanda_prune_model(model: nn.Module, calib_batches: torch.Tensor | None = None, cfg: PruneConfig | None = None,
                       **kwargs) -> dict[str, torch.Tensor]:
     """Wanda on every linear of the decoder blocks, in place; {name: mask}. See ``prune_linears``."""
+    calib_batches = calibration_or_none(calib_batches, "wanda_prune_model")
     return prune_linears(model, wanda_prune, cfg, needs=("sq_mean",), calib_batches=calib_batches,
                          desc="wanda", **kwargs)

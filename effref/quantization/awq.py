@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.linear import QuantLinear
@@ -83,6 +83,7 @@ def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = Non
 
 def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | None = None, **driver) -> nn.Module:
     """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
+    calib_batches = calibration_or_none(calib_batches, "awq_model")
     cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,
                           needs=("abs_mean", "samples"), desc="AWQ", check=group_check(cfg.quant), **driver)

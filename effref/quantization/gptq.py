@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.compression.hessian import inverse_hessian_cholesky
 from effref.quantization.basics import QTensor, QuantConfig, dequantize_codes, find_params, quantize_codes
 from effref.quantization.driver import LayerInputs, group_check, quantize_model
@@ -155,6 +155,7 @@ def gptq_layer(linear: nn.Linear, stats: LayerInputs, cfg: GPTQConfig | None = N
 
 def gptq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: GPTQConfig | None = None, **driver) -> nn.Module:
     """Model-level GPTQ: every linear of every block, calibrated sequentially (see ``quantize_model``)."""
+    calib_batches = calibration_or_none(calib_batches, "gptq_model")
     cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: gptq_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="GPTQ", check=group_check(cfg.quant), **driver)

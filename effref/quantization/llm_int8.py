@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from effref.checks import calibration_or_none
 from effref.quantization.basics import QuantConfig, quantize
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.linear import QuantLinear
@@ -74,6 +75,7 @@ def llm_int8_model(model: nn.Module, calib_batches: torch.Tensor | None = None, 
                    **driver) -> nn.Module:
     """Model-level LLM.int8(); with ``calib_batches`` (or shared ``stats``) the usual outlier columns get
     float16 weight copies."""
+    calib_batches = calibration_or_none(calib_batches, "llm_int8_model")
     needs = ("abs_max",) if calib_batches is not None or driver.get("stats") is not None else ()
     return quantize_model(model, lambda name, linear, stats: llm_int8_layer(linear, stats, threshold),
                           calib_batches, needs=needs, desc="LLM.int8()", **driver)

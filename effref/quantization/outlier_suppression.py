@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.quantization.basics import fake_quantize
 from effref.quantization.driver import LayerInputs
 from effref.quantization.smoothquant import (
@@ -129,6 +129,7 @@ def os_plus_transform(model: nn.Module, calib_batches: torch.Tensor | None = Non
 def os_plus_model(model: nn.Module, calib_batches: torch.Tensor | None = None, cfg: OSPlusConfig | None = None,
                   stats: dict[str, LayerInputs] | None = None, progress: bool = True) -> nn.Module:
     """Outlier Suppression+ then W8A8 quantization of every block linear with ``cfg.quant``; in place."""
+    calib_batches = calibration_or_none(calib_batches, "os_plus_model")
     cfg = config_or_default(cfg, OSPlusConfig, "OSPlusConfig()")
     os_plus_transform(model, calib_batches, cfg, stats, progress)
     return wa_quantize_model(model, cfg.quant, progress=progress)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.quantization.driver import LayerInputs, group_check, quantize_model
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
 from effref.quantization.linear import QuantLinear
@@ -103,6 +103,7 @@ def quip_layer(linear: nn.Linear, stats: LayerInputs, cfg: QuIPConfig | None = N
 
 def quip_model(model: nn.Module, calib_batches: torch.Tensor, cfg: QuIPConfig | None = None, **driver) -> nn.Module:
     """Model-level QuIP over every linear of every block (see ``quantize_model``)."""
+    calib_batches = calibration_or_none(calib_batches, "quip_model")
     cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     return quantize_model(model, lambda name, linear, stats: quip_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="QuIP", check=group_check(cfg.gptq.quant), **driver)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.compression.calibration import find_blocks
 from effref.quantization.driver import LayerInputs, collect_statistics
 from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
@@ -218,6 +218,7 @@ def smooth_model(model: nn.Module, calib_batches: torch.Tensor | None = None, al
     Statistics come from ``stats`` (``collect_group_stats`` with "abs_max", possibly shared with OS+)
     or, when None, from one calibration pass over ``calib_batches``. The model's function is unchanged.
     """
+    calib_batches = calibration_or_none(calib_batches, "smooth_model")
     groups = smoothing_groups(model, kinds)
     if stats is None:
         if calib_batches is None:
@@ -246,6 +247,7 @@ def smoothquant_model(model: nn.Module, calib_batches: torch.Tensor | None = Non
                       cfg: SmoothQuantConfig | None = None, stats: dict[str, LayerInputs] | None = None,
                       progress: bool = True) -> nn.Module:
     """Smooth with ``cfg.alpha``, then quantize every block linear with ``cfg.quant`` (W8A8); in place."""
+    calib_batches = calibration_or_none(calib_batches, "smoothquant_model")
     cfg = config_or_default(cfg, SmoothQuantConfig, "SmoothQuantConfig(alpha=0.5)")
     smooth_model(model, calib_batches, cfg.alpha, cfg.kinds, stats, progress)
     return wa_quantize_model(model, cfg.quant, progress=progress)

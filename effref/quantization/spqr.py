@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.checks import config_or_default
+from effref.checks import calibration_or_none, config_or_default
 from effref.quantization.basics import QTensor, QuantConfig, quantize_codes
 from effref.quantization.driver import LayerInputs, quantize_model
 from effref.quantization.gptq import GPTQConfig, Grid, gptq_quantize
@@ -146,6 +146,7 @@ def spqr_layer(linear: nn.Linear, stats: LayerInputs, cfg: SpQRConfig | None = N
 
 def spqr_model(model: nn.Module, calib_batches: torch.Tensor, cfg: SpQRConfig | None = None, **driver) -> nn.Module:
     """Model-level SpQR over every linear of every block (see ``quantize_model``)."""
+    calib_batches = calibration_or_none(calib_batches, "spqr_model")
     cfg = config_or_default(cfg, SpQRConfig, "SpQRConfig()")
     return quantize_model(model, lambda name, linear, stats: spqr_layer(linear, stats, cfg), calib_batches,
                           needs=("hessian",), desc="SpQR", **driver)

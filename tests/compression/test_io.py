@@ -29,7 +29,7 @@ def _logits(model):
 
 def _compress(kind, model):
     if kind == "sparsegpt-2:4":
-        sparsegpt_prune_model(model, PruneConfig(nm="2:4"), BATCHES, progress=False)
+        sparsegpt_prune_model(model, BATCHES, PruneConfig(nm="2:4"), progress=False)
     elif kind == "llm-pruner":
         llm_prune(model, BATCHES, LLMPrunerConfig(0.5, heads="group"), progress=False)
     elif kind == "svd+tt":

@@ -82,7 +82,7 @@ def test_sequential_model_pruning_is_exact_and_the_model_runs(impl):
     model = load_model("tiny-llama", seed=4).model
     model = Llama.from_hf(model) if impl == "effref" else model
     batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    masks = sparsegpt_prune_model(model, PruneConfig(0.5), batches, progress=False)
+    masks = sparsegpt_prune_model(model, batches, PruneConfig(0.5), progress=False)
     per_layer, overall = sparsity_report(model)
     assert overall == 0.5 and all(per_layer[n] == 0.5 for n in masks)
     out = model(batches)

@@ -47,7 +47,7 @@ def test_wanda_reconstructs_outputs_better_than_magnitude_with_outlier_features(
 def test_wanda_model_sparsity_is_exact():
     model = load_model("tiny-llama", seed=3).model
     batches = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    masks = wanda_prune_model(model, PruneConfig(0.4), batches, progress=False)
+    masks = wanda_prune_model(model, batches, PruneConfig(0.4), progress=False)
     per_layer, _ = sparsity_report(model)
     assert all(per_layer[n] == round(0.4 * m.numel()) / m.numel() for n, m in masks.items())
 
@@ -59,4 +59,4 @@ def test_wanda_rejects_missing_or_mismatched_statistics():
     with pytest.raises(ValueError, match="in_features=8"):
         wanda_prune(W, InputStats(sq_mean=torch.ones(6)), PruneConfig(0.5))
     with pytest.raises(ValueError, match="calib_batches"):
-        wanda_prune_model(load_model("tiny-llama").model, PruneConfig(0.5), progress=False)
+        wanda_prune_model(load_model("tiny-llama").model, cfg=PruneConfig(0.5), progress=False)
