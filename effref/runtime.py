@@ -1,11 +1,13 @@
 """Device choice, seeding and the quick/paper scale switch every chapter uses.
 
-The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two knobs make that work, and one progress bar serves both:
+The book runs on a 2-core laptop and on a GPU Colab from the same notebook. Two knobs make that work, and
+one progress bar serves both:
 
 - ``get_device()`` picks cuda → mps → cpu (override with ``EFFREF_DEVICE``).
-- ``progress_bar`` is the tqdm bar every long loop uses (a widget in notebooks that have ipywidgets, text
-  elsewhere). ``EFFREF_PROGRESS=0`` turns every one of them off: the book's stored outputs (the test run and
-  the book build set it) show results, not bars, which would render as stderr blocks.
+- ``progress_bar`` is the tqdm bar every long loop uses (a widget in notebooks that have ipywidgets). Bars
+  show in a notebook (a chapter, or coursework in Jupyter or Colab) and stay off in scripts and tests, where a
+  library call should print nothing; ``EFFREF_PROGRESS=1`` or ``=0`` decides instead. The book's stored outputs
+  (the test run and the book build set 0) show results, not bars, which would render as stderr blocks.
 - ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
   steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
   *paper* on a CUDA GPU and *quick* everywhere else.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +30,21 @@ except ImportError:
     from tqdm import tqdm
 
 SCALE_NAMES = ("quick", "paper")
-ON_WORDS, OFF_WORDS = ("1", "on", "true", "yes", ""), ("0", "off", "false", "no")
+ON_WORDS, OFF_WORDS = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def in_notebook() -> bool:
+    """True inside a Jupyter kernel (a chapter, Colab), False in a script, a test or a plain IPython shell."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
 
 
 def progress_enabled() -> bool:
-    """False when ``EFFREF_PROGRESS`` says off; bars are on by default."""
+    """``EFFREF_PROGRESS`` when it is set, else whether we run in a notebook."""
     value = os.environ.get("EFFREF_PROGRESS", "").strip().lower()
+    if not value:
+        return in_notebook()
     if value not in ON_WORDS + OFF_WORDS:
         raise ValueError(f"EFFREF_PROGRESS={value!r} is not an on/off value; set it to 1 (show progress "
                          "bars) or 0 (hide them)")

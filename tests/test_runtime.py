@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from effref import runtime
 from effref.runtime import SCALES, get_device, get_scale, progress_bar, seed_everything
 
 
@@ -44,9 +45,14 @@ def test_unknown_scale_names_the_choices():
         get_scale("huge")
 
 
-@pytest.mark.parametrize("value, shown", [("", True), ("1", True), ("on", True), ("0", False), ("off", False)])
-def test_progress_bars_follow_the_environment_switch(monkeypatch, capsys, value, shown):
+@pytest.mark.parametrize("value, notebook, shown", [
+    ("", False, False),  # a script or a test: library calls print nothing
+    ("", True, True),  # a notebook (a chapter, Colab): bars
+    ("1", False, True), ("on", False, True), ("0", True, False), ("off", True, False),
+])
+def test_progress_bars_follow_the_environment_switch(monkeypatch, capsys, value, notebook, shown):
     monkeypatch.setenv("EFFREF_PROGRESS", value)
+    monkeypatch.setattr(runtime, "in_notebook", lambda: notebook)
     assert list(progress_bar(range(3), desc="counting", mininterval=0)) == [0, 1, 2]
     with progress_bar(total=2, desc="manual", mininterval=0) as bar:
         bar.update(2)
@@ -64,3 +70,7 @@ def test_bad_progress_switch_is_refused(monkeypatch):
     monkeypatch.setenv("EFFREF_PROGRESS", "sometimes")
     with pytest.raises(ValueError, match="EFFREF_PROGRESS='sometimes' is not an on/off value"):
         progress_bar(range(3))
+
+
+def test_a_test_process_is_not_a_notebook():
+    assert runtime.in_notebook() is False
