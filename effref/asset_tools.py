@@ -60,6 +60,16 @@ def _require_tool(tool: str, asset: str, install_hint: str) -> None:
             f"{cache_dir()})", asset=asset, tool=tool)
 
 
+def _require_modules(asset: str, *modules: str) -> None:
+    """Raise AssetMissingError when a Python package the builder needs is missing (the ``assets`` extra)."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise AssetMissingError(
+            f"cannot fetch asset {asset!r}: the Python package(s) {missing} are not installed; "
+            f"pip install 'effref[assets]' (the tools the asset fetch needs), {_fetch_hint(asset)}",
+            asset=asset, tool=missing[0])
+
+
 def _run(cmd: Sequence[str], *, asset: str, cwd: Path | None = None) -> str:
     """Run ``cmd``; return its stdout, or raise AssetMissingError with the tail of its stderr."""
     result = subprocess.run(list(cmd), check=False, cwd=cwd, capture_output=True, text=True)

@@ -8,6 +8,7 @@ already-fetched assets and skip when they are missing.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import os
 import re
@@ -349,3 +350,15 @@ print(math.exp(loss.item()))
     assert facts.split() == ["LlamaForCausalLM", "torch.float32", "30", "576", "49152", "49152"]
     # A famous sentence: a working 135M model is far from uniform guessing (perplexity 49,152).
     assert float(perplexity) < 50
+
+
+def test_a_missing_assets_extra_is_named_with_the_install_command(monkeypatch):
+    # gguf, accelerate and rdata are the `assets` extra: without them the fetch says so before downloading
+    from effref import asset_tools
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(asset_tools.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(AssetMissingError, match=r"\['gguf'\] are not installed; pip install 'effref\[assets\]'"):
+        asset_tools._require_modules("smollm2-135m", "gguf", "accelerate")
+    asset_tools._require_modules("austen", "json")  # present: no error

@@ -95,7 +95,7 @@ def test_colab_install_cell_keeps_the_preinstalled_torch(chapter):
     torch = SimpleNamespace(__version__="2.9.0+cu126")  # noqa: F841  (read by var_expand from this frame)
     args = shlex.split(InteractiveShell.instance().var_expand(ast.literal_eval(magic)))
     assert args[0] == "install" and "torch==2.9.0+cu126" in args
-    assert any(a.startswith("effref[hub] @ git+") for a in args)
+    assert any(a.startswith("effref[hub,notebook] @ git+") for a in args)  # the hub model, plots and tables
 
 
 def test_repository_url_is_a_github_url_for_the_launch_buttons():

@@ -41,3 +41,24 @@ def test_every_model_level_call_is_exported(package, suffixes):
     helpers = {"quantize_model", "tree_generate", "train_language_model"}  # drivers and training, not techniques
     hidden = sorted(defined - set(root.__all__) - helpers)
     assert not hidden, f"{package} does not export {hidden}"
+
+
+CORE_ONLY = r"""
+import importlib, pkgutil, sys
+for extra in ("matplotlib", "pandas", "jupytext", "gguf", "accelerate", "rdata", "ipywidgets", "peft", "datasets"):
+    sys.modules[extra] = None  # as if only the core dependencies were installed
+import effref
+skipped = {"effref.plotting"}  # the notebook extra's module
+for info in pkgutil.walk_packages(effref.__path__, "effref."):
+    if info.name not in skipped and not info.name.endswith("__main__"):
+        importlib.import_module(info.name)
+print("imported", len(sys.modules))
+"""
+
+
+def test_the_library_imports_with_the_core_dependencies_only():
+    # the extras (notebook, assets, book, test, hub) hold tools the library itself does not import
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", CORE_ONLY], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
