@@ -5,6 +5,7 @@ from effref.peft.core import (
                               freeze_base,
                               load_trainable,
                               load_trainable_file,
+                              merge_and_unload,
                               save_trainable,
                               trainable_state_dict,
 )
@@ -20,5 +21,5 @@ from effref.peft.lora import (
 )
 
 __all__ = ["LoraConfig", "LoraLinear", "apply_lora", "apply_lora_fa", "find_linears", "freeze_base",
-           "load_lora_state_dict", "load_trainable", "load_trainable_file", "lora_state_dict", "merge_lora",
+           "load_lora_state_dict", "load_trainable", "load_trainable_file", "lora_state_dict", "merge_and_unload", "merge_lora",
            "save_trainable", "trainable_state_dict", "unmerge_lora"]

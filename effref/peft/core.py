@@ -8,6 +8,8 @@ for all of them and live here once:
   an error lists the names that do exist when nothing matches.
 - ``replace_module(model, name, new)``: put ``new`` where the module called ``name`` was.
 - ``freeze_base(model)``: ``requires_grad = False`` on every parameter (methods then switch on their own).
+- ``merge_adapters`` / ``unmerge_adapters`` fold adapters into the weights and back, exactly;
+  ``merge_and_unload`` folds them in for good and removes the wrappers (peft's name).
 - ``trainable_state_dict`` / ``load_trainable`` / ``save_trainable`` / ``load_trainable_file``: the
   method's own tensors, i.e. every parameter with ``requires_grad`` plus tensors that a module lists in
   its ``frozen_adapter_tensors`` attribute (frozen but not part of the base model, e.g. LoRA-FA's random
@@ -35,6 +37,13 @@ def is_linear_like(module: nn.Module) -> bool:
 def linear_names(model: nn.Module) -> list[str]:
     """The distinct last name components of linear-like modules in ``model`` ("q_proj", "down_proj", ...)."""
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and is_linear_like(m)})
+
+
+def all_linear_names(model: nn.Module) -> tuple[str, ...]:
+    """peft's ``target_modules="all-linear"``: the full names of every linear-like layer but the output head."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else getattr(model, "lm_head", None)
+    return tuple(name for name, m in model.named_modules() if name and is_linear_like(m) and m is not head)
 
 
 def find_linears(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...] = ()) -> dict[str, nn.Module]:
@@ -167,6 +176,24 @@ def unmerge_adapters(model: nn.Module, kind: type = MergeableAdapter) -> nn.Modu
     """Undo ``merge_adapters`` exactly."""
     for layer in adapters_of(model, kind).values():
         layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, kind: type = MergeableAdapter) -> nn.Module:
+    """Fold every adapter of type ``kind`` into its base weight and put the base back in its place: the model
+    is then plain again (a transformers model stays one, and ``save_pretrained`` / ``from_pretrained`` round
+    trip it), with no wrapper and no kept copy of the pre-merge weight. peft's name for the same step; unlike
+    ``merge_adapters`` it cannot be undone. Every adapter is checked before the first one is folded in."""
+    layers = adapters_of(model, kind)
+    for name, layer in layers.items():
+        if layer._float_weight() is None:
+            raise TypeError(f"cannot merge {name} ({type(layer).__name__}) into its {type(layer.base).__name__} "
+                            "base: it has no floating-point `weight`; dequantize the base first, or keep the "
+                            "adapter unmerged")
+    for name, layer in layers.items():
+        layer.merge()
+        layer._premerge = None  # the unmerge copy: not needed once the wrapper is gone
+        replace_module(model, name, layer.base)
     return model
 
 

@@ -17,7 +17,7 @@ Left out: rsLoRA / DoRA / PiSSA variants, LoRA on embeddings and convolutions, s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 from torch import nn
@@ -26,11 +26,13 @@ from effref.checks import config_or_default
 from effref.peft.core import (  # noqa: F401
     MergeableAdapter,
     adapters_of,
+    all_linear_names,
     find_linears,
     freeze_base,
     load_trainable,
     load_trainable_file,
     merge_adapters,
+    merge_and_unload,
     replace_module,
     save_trainable,
     trainable_state_dict,
@@ -41,13 +43,24 @@ from effref.peft.core import (  # noqa: F401
 
 @dataclass
 class LoraConfig:
+    """LoRA's settings; peft's names are accepted too: ``lora_alpha``, ``lora_dropout``, and
+    ``target_modules="all-linear"`` (every linear layer of the decoder, not the output head)."""
+
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
+    lora_alpha: InitVar[float | None] = None  # peft's name for alpha
+    lora_dropout: InitVar[float | None] = None  # peft's name for dropout
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, lora_alpha: float | None, lora_dropout: float | None) -> None:
+        for ours, theirs, value in (("alpha", "lora_alpha", lora_alpha), ("dropout", "lora_dropout", lora_dropout)):
+            if value is not None:
+                if getattr(self, ours) != getattr(type(self), ours) and getattr(self, ours) != value:
+                    raise ValueError(f"{ours}={getattr(self, ours)!r} and {theirs}={value!r} disagree; "
+                                     f"pass only one of them")
+                setattr(self, ours, value)
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"r={self.r!r} must be a positive integer rank, e.g. r=8")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
@@ -124,7 +137,8 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
                              f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
         return LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.freeze_a)
 
-    wrap_modules(model, cfg.target_modules, make, skip=(LoraLinear,))
+    targets = all_linear_names(model) if cfg.target_modules == ("all-linear",) else cfg.target_modules
+    wrap_modules(model, targets, make, skip=(LoraLinear,))
     return model
 
 

@@ -17,6 +17,7 @@ from effref.peft import (
     load_trainable,
     load_trainable_file,
     lora_state_dict,
+    merge_and_unload,
     merge_lora,
     save_trainable,
     trainable_state_dict,
@@ -175,3 +176,56 @@ def test_apply_lora_rejects_bad_input(kwargs, error, match):
 def test_merging_a_model_without_lora_is_an_error():
     with pytest.raises(ValueError, match="apply_lora"):
         merge_lora(tiny())
+
+
+def test_merge_and_unload_gives_the_plain_model_peft_gives(tmp_path):
+    # peft's merge_and_unload: the adapters folded in, the wrappers gone, nothing kept on the side
+    base = tiny()
+    ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=TARGETS))
+    randomise_b(ours)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
+    for name, module in theirs.named_modules():
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            mine = ours.get_submodule(name.removeprefix("base_model.model."))
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(mine.lora_A.weight)
+                module.lora_B["default"].weight.copy_(mine.lora_B.weight)
+    x = ids()
+    with torch.no_grad():
+        adapted = ours(x).logits
+    plain = merge_and_unload(ours)
+    theirs = theirs.merge_and_unload()
+    assert type(plain) is type(base) and not any(isinstance(m, LoraLinear) for m in plain.modules())
+    assert plain.state_dict().keys() == base.state_dict().keys()  # no A, B or pre-merge copies left
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(plain.state_dict()[key], value, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, adapted, rtol=1e-5, atol=1e-5)
+    plain.save_pretrained(tmp_path)  # a plain transformers model again: the round trip is exact
+    loaded = type(base).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, plain(x).logits)
+
+
+def test_merge_and_unload_refuses_a_base_it_cannot_fold_into_and_changes_nothing():
+    class QuantLike(nn.Module):  # a quantized base: in/out features, a forward, no float weight
+        in_features, out_features = 8, 8
+
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Linear(8, 8), QuantLike())
+    apply_lora(model, LoraConfig(r=2, target_modules=("0", "1")))
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(TypeError, match="cannot merge 1 .*no floating-point `weight`"):
+        merge_and_unload(model)
+    assert [type(m) for m in model.modules()] == before and not model[0].merged
+
+
+def test_lora_config_takes_peft_names_and_all_linear():
+    assert LoraConfig(lora_alpha=32, lora_dropout=0.1) == LoraConfig(alpha=32, dropout=0.1)
+    with pytest.raises(ValueError, match="alpha=8 and lora_alpha=32 disagree"):
+        LoraConfig(alpha=8, lora_alpha=32)
+    model = apply_lora(tiny(), LoraConfig(r=2, target_modules="all-linear"))
+    wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLinear)}
+    assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
