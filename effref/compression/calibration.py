@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effref.models.conv1d import conv1d_hint
 from effref.runtime import progress_bar
 
 STATS = ("hessian", "sq_mean", "abs_max", "abs_mean", "min", "max", "samples")
@@ -80,7 +81,8 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if longer and all(any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
             best = (name, module)
     if best is None:
-        raise ValueError(f"found no nn.ModuleList of blocks with linear layers in {type(model).__name__}")
+        raise ValueError(f"found no nn.ModuleList of blocks with linear layers in {type(model).__name__}"
+                         f"{conv1d_hint(model)}")
     return best
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from effref.models.conv1d import conv1d_hint
+
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for modules that map in_features to out_features along the last axis (nn.Linear, quantized linears)."""
@@ -76,7 +78,7 @@ def find_modules(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
     if not found:
         what = "linear layer" if linear_only else "module"
         raise ValueError(f"target_modules={targets!r} match no {what} of {type(model).__name__}; "
-                         f"its linear layers are named {linear_names(model)}")
+                         f"its linear layers are named {linear_names(model)}{conv1d_hint(model)}")
     return found
 
 

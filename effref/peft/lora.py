@@ -11,7 +11,8 @@ The base may be any linear-like module (nn.Linear or a quantized linear with ``i
 Glossary: W₀ base weight (d × k = out_features × in_features) · A ``lora_A.weight`` (r × k)
           · B ``lora_B.weight`` (d × r) · r rank · α ``alpha`` · α/r ``scaling``.
 Left out: rsLoRA / DoRA / PiSSA variants, LoRA on embeddings and convolutions, several named adapters
-          per layer (peft's ``adapter_name``), fan_in_fan_out (GPT-2 Conv1D) layouts.
+          per layer (peft's ``adapter_name``), fan_in_fan_out (GPT-2's Conv1D: convert those layers with
+          ``effref.models.conv1d.linear_from_conv1d`` first).
 """
 
 from __future__ import annotations
