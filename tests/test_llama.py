@@ -207,7 +207,7 @@ def _bad_forward(model: Llama, case: str) -> None:
     ("generate-too-long", r"max_new_tokens=7 tokens exceed max_seq_len=96"),
     ("negative-temperature", r"temperature=-1.0"),
     ("top-k-0", r"top_k=0"),
-    ("not-a-hf-llama", r"must be a transformers LlamaForCausalLM, got Linear"),
+    ("not-a-hf-llama", r"must be a transformers causal LM of LLaMA's shape \(llama, mistral\), got Linear"),
     ("truncate-beyond", r"length=4 must lie in \[0, 3\]"),
 ])
 def test_bad_inputs_raise_with_the_fix(case: str, match: str) -> None:
@@ -300,3 +300,29 @@ def test_attention_heads_share_keys_and_values_as_written_per_head(n_kv_heads):
         torch.testing.assert_close(attn(x, cos, sin), expected, rtol=1e-5, atol=1e-5)
     cache = KVCache(1, batch_size=2, n_kv_heads=n_kv_heads, d_head=cfg.d_head, max_len=5)
     assert cache.k[0].numel() == 2 * n_kv_heads * 5 * cfg.d_head  # the cache shrinks with the kv heads
+
+
+def test_mistral_converts_with_its_window_as_the_length_limit():
+    # Mistral is LLaMA plus sliding-window attention; up to the window that is full causal attention
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                          sliding_window=16)).eval()
+    ours = Llama.from_hf(hf)
+    assert ours.cfg.max_seq_len == 16
+    x = ids(2, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="exceed max_seq_len=16"):
+            ours(ids(1, 17))
+
+
+def test_families_of_another_shape_are_refused_by_name():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match=r"LLaMA's shape \(llama, mistral\), got Qwen2ForCausalLM.*Qwen2's q/k/v biases"):
+        Llama.from_hf(qwen)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from effref.inference.speculative import SpeculativeResult, SpeculativeState, draft_tokens, speculative_loop
-from effref.models.llama import Llama
+from effref.models.llama import Llama, require_llama
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,8 @@ def bild_verify(log_p: torch.Tensor, drafted: torch.Tensor, rollback_threshold: 
 def bild_generate(target: Llama, draft: Llama, prompt: torch.Tensor, max_new_tokens: int,
                   config: BiLDConfig = BiLDConfig(), eos_id: int | None = None) -> SpeculativeResult:
     """Greedy BiLD decoding of ``max_new_tokens`` tokens with big model ``target`` and little model ``draft``."""
+    require_llama(target, "target")
+    require_llama(draft, "draft")
 
     def step(state: SpeculativeState) -> tuple[list[int], int, int, torch.Tensor]:
         drafted, _, calls = draft_tokens(draft, state.tokens, state.draft_cache, config.max_draft,

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from effref.models.llama import KVCache, Llama, apply_rope
+from effref.models.llama import KVCache, Llama, apply_rope, require_llama
 
 
 @dataclass
@@ -63,6 +63,7 @@ class DecodeResult:
 
 def check_generation(model: Llama, prompt: torch.Tensor, max_new_tokens: int, margin: int = 0) -> None:
     """Validate a batch-1 prompt and a token budget against the model's context length."""
+    require_llama(model, "model")
     if prompt.ndim != 2 or prompt.shape[0] != 1 or prompt.shape[1] < 1 or prompt.is_floating_point():
         raise ValueError(f"prompt must be integer token ids of shape (1, T) with T >= 1, got "
                          f"{tuple(prompt.shape)} {prompt.dtype}; these decoders run one sequence at a time")

@@ -35,7 +35,7 @@ from effref.inference.dejavu_predictor import (
     predictor_flops,
     train_predictor,
 )
-from effref.models.llama import MLP, Attention, Llama
+from effref.models.llama import MLP, Attention, Llama, require_llama
 from effref.runtime import progress_bar
 
 PARTS = ("mlp", "attn")
@@ -110,6 +110,7 @@ def fit_predictors(model: Llama, calib: torch.Tensor | dict[str, list[tuple[torc
                    config: DejaVuConfig, part: str = "mlp") -> list[SparsityPredictor]:
     """One predictor per block for its MLP neurons or attention heads (``part``), trained on calibration ids
     (B, T) or on the inputs ``collect_inputs`` gathered from them (one forward serves both parts)."""
+    require_llama(model, "model")
     inputs = (calib if isinstance(calib, dict) else collect_inputs(model, calib, (part,)))[part]
     return [train_predictor(args[0].flatten(0, 1), importance(getattr(block, part), *args).flatten(0, 1), config)
             for block, args in zip(progress_bar(model.blocks, desc=f"Deja Vu {part} predictors"), inputs)]
@@ -121,6 +122,7 @@ def sparsified(model: Llama, keep: float, selector: str = "predictor",
                seed: int = 0, part: str = "mlp") -> Iterator[Llama]:
     """Within the block, the MLPs (``part="mlp"``) of ``layers`` (default all) compute only round(keep · d_ff)
     neurons per token, or their attentions (``part="attn"``) only round(keep · n_heads) query heads."""
+    require_llama(model, "model")
     if part not in PARTS:
         raise ValueError(f"part={part!r} is not known; use one of {PARTS}")
     layers = list(range(len(model.blocks))) if layers is None else layers

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from effref.models.llama import Block, Llama
+from effref.models.llama import Block, Llama, require_llama
 
 
 def _as_layers(model: Llama, keep: int | Sequence[int]) -> list[int]:
@@ -45,6 +45,7 @@ def _renumbered(block: Block, layer: int) -> Block:
 
 def layer_skip_draft(model: Llama, keep: int | Sequence[int], lens: nn.Module | None = None) -> Llama:
     """A draft that runs ``keep`` (k, or block indices) of ``model``'s blocks, then ``lens``, norm and head."""
+    require_llama(model, "model")
     layers = _as_layers(model, keep)
     draft = copy.copy(model)
     draft._modules = dict(model._modules)  # the target keeps its own blocks / norm

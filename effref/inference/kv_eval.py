@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from effref.models.llama import KVCache, Llama
+from effref.models.llama import KVCache, Llama, require_llama
 from effref.runtime import progress_bar
 
 
@@ -67,6 +67,7 @@ def decode_nll(model: Llama, ids: torch.Tensor, cache: KVCache, prefill: int = 1
                progress: bool = True) -> torch.Tensor:
     """Per-token NLL (B, W − 1) of ids (B, W), decoding through ``cache`` one token at a time after a
     ``prefill``-token first pass (exact for an evicting cache when prefill ≤ budget: nothing is evicted yet)."""
+    require_llama(model, "model")
     if ids.ndim != 2 or not 1 <= prefill < ids.shape[1]:
         raise ValueError(f"ids {tuple(ids.shape)} and prefill={prefill}: need (B, W) and 1 <= prefill < W")
     logits = [model(ids[:, :prefill], cache)]  # (B, prefill, V)
@@ -80,6 +81,7 @@ def decode_nll(model: Llama, ids: torch.Tensor, cache: KVCache, prefill: int = 1
 def decode_greedy(model: Llama, prompt: torch.Tensor, max_new_tokens: int, cache: KVCache,
                   progress: bool = True) -> torch.Tensor:
     """Greedy continuation (B, max_new_tokens) of prompt (B, T) through ``cache`` (which may evict)."""
+    require_llama(model, "model")
     if prompt.ndim != 2 or max_new_tokens < 1:
         raise ValueError(f"prompt {tuple(prompt.shape)}, max_new_tokens={max_new_tokens}: need (B, T) and >= 1")
     token = model(prompt, cache)[:, -1].argmax(-1)  # (B,)

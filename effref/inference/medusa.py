@@ -27,7 +27,7 @@ from torch import nn
 from effref.data import calibration_batches
 from effref.inference.decoding import DecodeResult, TreeProposer, tree_generate
 from effref.inference.drafts import run_blocks
-from effref.models.llama import Llama
+from effref.models.llama import Llama, require_llama
 from effref.runtime import progress_bar
 
 
@@ -59,6 +59,7 @@ def train_medusa_heads(model: Llama, heads: MedusaHeads, ids: torch.Tensor, step
                        n_windows: int = 8, positions_per_step: int = 64, lr: float = 1e-3,
                        seed: int = 0) -> list[float]:
     """Medusa-1: train ``heads`` on token stream ``ids`` (N,) with the backbone frozen; returns the losses."""
+    require_llama(model, "model")
     if steps < 1 or positions_per_step < 1:
         raise ValueError(f"steps={steps}, positions_per_step={positions_per_step}: need both >= 1")
     K = len(heads.residual)

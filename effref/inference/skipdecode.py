@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from effref.inference.decoding import forward_tokens
-from effref.models.llama import KVCache, Llama
+from effref.models.llama import KVCache, Llama, require_llama
 from effref.runtime import progress_bar
 
 SKIPS = ("lower", "upper")
@@ -97,6 +97,7 @@ def new_skip_cache(model: Llama, batch_size: int, max_len: int) -> SkipCache:
 def skipdecode_generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int,
                         config: SkipDecodeConfig) -> tuple[torch.Tensor, list[int]]:
     """Greedy tokens (B, T + new) with the skip schedule, and the blocks run at each decoding step."""
+    require_llama(model, "model")
     if prompt.ndim != 2 or max_new_tokens < 1:
         raise ValueError(f"prompt {tuple(prompt.shape)}, max_new_tokens={max_new_tokens}: need (B, T) and >= 1")
     cache = new_skip_cache(model, prompt.shape[0], prompt.shape[1] + max_new_tokens)
@@ -114,6 +115,7 @@ def skipdecode_generate(model: Llama, prompt: torch.Tensor, max_new_tokens: int,
 def skipdecode_nll(model: Llama, ids: torch.Tensor, prompt_len: int, config: SkipDecodeConfig,
                    progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """Teacher-forced NLL (B, W − P − 1) of ids[:, P+1:] decoded with the skip schedule after a P-token prefill."""
+    require_llama(model, "model")
     if ids.ndim != 2 or not 1 <= prompt_len < ids.shape[1] - 1:
         raise ValueError(f"ids {tuple(ids.shape)}, prompt_len={prompt_len}: need (B, W) and 1 <= P < W − 1")
     cache = new_skip_cache(model, ids.shape[0], ids.shape[1])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from effref.inference.decoding import DecodeResult, check_generation
-from effref.models.llama import KVCache, Llama
+from effref.models.llama import KVCache, Llama, require_llama
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,8 @@ class SpeculativeResult(DecodeResult):
 
 
 def check_pair(target: Llama, draft: Llama) -> None:
+    require_llama(target, "target")
+    require_llama(draft, "draft")
     if target.cfg.vocab_size != draft.cfg.vocab_size:
         raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} differs from target vocab_size="
                          f"{target.cfg.vocab_size}; speculative decoding needs a draft with the same tokenizer")

@@ -21,6 +21,7 @@ Left out: padding masks (batches hold equal-length prompts), RoPE scaling varian
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -93,6 +94,9 @@ class LlamaConfig:
                    norm_eps=hf_config.rms_norm_eps, max_seq_len=hf_config.max_position_embeddings,
                    tie_embeddings=bool(hf_config.tie_word_embeddings), bos_id=hf_config.bos_token_id,
                    eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)  # several EOS ids: the first
+
+
+LLAMA_SHAPED = ("llama", "mistral")  # families whose weights and forward are LLaMA's (Mistral: + a sliding window)
 
 
 class KVCache:
@@ -351,11 +355,16 @@ class Llama(nn.Module):
     @classmethod
     def from_hf(cls, hf_model: transformers.LlamaForCausalLM) -> Llama:
         """Our model with the weights (and dtype, device) of a transformers ``LlamaForCausalLM``."""
-        if getattr(getattr(hf_model, "config", None), "model_type", None) != "llama" or not hasattr(
-                hf_model, "lm_head"):
-            raise ValueError(f"hf_model must be a transformers LlamaForCausalLM, "
-                             f"got {type(hf_model).__name__}")
+        model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
+        if model_type not in LLAMA_SHAPED or not hasattr(hf_model, "lm_head"):
+            raise ValueError(f"hf_model must be a transformers causal LM of LLaMA's shape ({', '.join(LLAMA_SHAPED)}),"
+                             f" got {type(hf_model).__name__}; other families (Qwen2's q/k/v biases, GPT-2, OPT) "
+                             "run the inference techniques only through transformers")
         cfg = LlamaConfig.from_hf(hf_model.config)
+        window = getattr(hf_model.config, "sliding_window", None)
+        if model_type == "mistral" and window is not None and window < cfg.max_seq_len:
+            # up to `window` tokens, sliding-window attention is full causal attention: cap the length there
+            cfg = dataclasses.replace(cfg, max_seq_len=window)
         weight = hf_model.get_input_embeddings().weight
         model = cls(cfg).to(device=weight.device, dtype=weight.dtype)
         state = {".".join(_HF_NAMES.get(part, part) for part in name.split(".") if part != "model"): tensor
@@ -365,3 +374,11 @@ class Llama(nn.Module):
             state["lm_head.weight"] = state["embed.weight"]
         model.load_state_dict(state, strict=True)
         return model.eval()
+
+
+def require_llama(model: object, name: str = "model") -> None:
+    """The inference techniques run on our :class:`Llama` (or a model that speaks its decoding protocol: ``cfg``
+    and ``new_cache``, called as ``model(ids, cache)``); refuse anything else with the conversion to use."""
+    if not (isinstance(model, Llama) or (hasattr(model, "cfg") and callable(getattr(model, "new_cache", None)))):
+        raise TypeError(f"{name} must be effref's Llama, got {type(model).__name__}; convert a transformers LLaMA "
+                        f"or Mistral with effref.models.llama.Llama.from_hf({name})")
