@@ -104,7 +104,48 @@ def smoothing_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[Smo
             producer, consumers, kv_groups, shift_ok = spec[kind]
             groups.append(SmoothGroup(f"{prefix}.{i}.{kind}", f"{prefix}.{i}", block, producer, consumers, kind,
                                       kv_groups, shift_ok, d_head))
+    check_norm_producers(model, groups)
     return groups
+
+
+@torch.no_grad()
+def check_norm_producers(model: nn.Module, groups: list[SmoothGroup]) -> None:
+    """Check on one forward pass, before anything changes, what folding a scale into a norm assumes: each norm
+    producer's output is exactly what its consumers read, and the norm computes x / rms(x) · weight. A family
+    that only borrows LLaMA's names (Gemma: the MLP reads another norm, and the gain is 1 + weight) is refused
+    instead of silently changing the model's function."""
+    norm_groups = [g for g in groups if not isinstance(g.block.get_submodule(g.producer), nn.Linear)]
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (its input, its output)
+    handles = []
+    for g in norm_groups:
+        for name in [g.producer, *g.consumers]:
+            def hook(module, inputs, output, key=f"{g.block_name}.{name}"):
+                seen.setdefault(key, (inputs[0], output))
+            handles.append(g.block.get_submodule(name).register_forward_hook(hook))
+    config = getattr(model, "config", None) or model.cfg
+    weight = next(model.parameters())
+    probe = (torch.arange(8, device=weight.device) * 7 % config.vocab_size)[None]  # (1, 8) token ids
+    try:
+        model(probe, use_cache=False) if hasattr(model, "config") else model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    for g in norm_groups:
+        norm = g.block.get_submodule(g.producer)
+        x, out = seen[f"{g.block_name}.{g.producer}"]
+        for consumer in g.consumers:
+            if not torch.equal(seen[f"{g.block_name}.{consumer}"][0], out):
+                raise ValueError(f"{g.block_name}.{consumer} does not read the output of {g.producer} in "
+                                 f"{type(model).__name__}: smoothing {g.kind} would change the model; this "
+                                 "module supports LLaMA-shaped blocks only (pass kinds without it)")
+        inner, bias = (norm.norm, norm.bias.float()) if isinstance(norm, ShiftedNorm) else (norm, 0.0)
+        eps = getattr(inner, "variance_epsilon", getattr(inner, "eps", 1e-6))
+        x32 = x.float()
+        expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * inner.weight.float() + bias
+        if not torch.allclose(out.float(), expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item()):
+            raise ValueError(f"{g.block_name}.{g.producer} ({type(norm).__name__}) does not compute "
+                             "x / rms(x) · weight (e.g. Gemma's RMSNorm scales by 1 + weight): dividing its "
+                             "weight by s would not divide its output by s, so smoothing is refused here")
 
 
 def _has_all(block: nn.Module, names) -> bool:
