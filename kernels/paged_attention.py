@@ -260,6 +260,12 @@ def paged_copy(k: torch.Tensor, v: torch.Tensor, block_size: int = 16, spare_blo
     Returns ``(k_cache, v_cache, block_tables)``: pools (B·⌈T/bs⌉ + spare_blocks, bs, H_kv, d) whose blocks are
     handed out in random order, and (B, ⌈T/bs⌉) int32 tables; every sequence holds all T tokens.
     """
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be an integer >= 1 (16 is the usual choice)")
+    if isinstance(spare_blocks, bool) or not isinstance(spare_blocks, int) or spare_blocks < 0:
+        raise ValueError(f"spare_blocks={spare_blocks!r} must be an integer >= 0")
+    if k.ndim != 4 or k.shape != v.shape:
+        raise ValueError(f"k and v must both be (B, H_kv, T, d), got {tuple(k.shape)} and {tuple(v.shape)}")
     B, H_kv, T, d = k.shape
     n_blk = math.ceil(T / block_size)  # blocks per sequence
     pool = B * n_blk + spare_blocks

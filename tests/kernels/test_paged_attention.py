@@ -330,3 +330,16 @@ def test_kernel_compiles_for_a_hopper_gpu(compile_for_gpu):
                    "constexprs": job["constexprs"] | {"SPLIT": True}}
     out = compile_for_gpu(job, split)
     assert out.count("compiled _paged_attention_kernel") == 2
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"block_size": 0}, "block_size=0 must be an integer >= 1"),  # was a ZeroDivisionError
+    ({"block_size": 2.5}, "block_size=2.5 must be an integer >= 1"),
+    ({"spare_blocks": -1}, "spare_blocks=-1 must be an integer >= 0"),
+])
+def test_paged_copy_refuses_bad_arguments(kwargs, message):
+    from effref.kernels.paged_attention import paged_copy
+
+    k = torch.zeros(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=message):
+        paged_copy(k, k, **kwargs)
