@@ -1,0 +1,99 @@
+"""Every compression technique on every transformers family a course uses (tiny random models, fast): it runs and
+changes the model, or it refuses the family by name. Nothing in between (a crash deep inside, or a silently
+wrong result)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+
+from effref.lowrank.svd import svd_compress_model
+from effref.models.conv1d import linear_from_conv1d
+from effref.peft import LoraConfig, apply_lora, merge_and_unload
+from effref.pruning import PruneConfig, magnitude_prune_model, sparsegpt_prune_model, wanda_prune_model
+from effref.quantization import (
+    AWQConfig,
+    GPTQConfig,
+    QuantConfig,
+    SmoothQuantConfig,
+    WAQuantConfig,
+    awq_model,
+    gptq_model,
+    llm_int8_model,
+    rtn_model,
+    smoothquant_model,
+    zeroquant_model,
+)
+
+VOCAB = 128
+CALIB = torch.randint(0, VOCAB, (4, 32), generator=torch.Generator().manual_seed(0))
+IDS = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(1))
+LLAMA_LIKE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**LLAMA_LIKE)),
+    "mistral": lambda: transformers.MistralForCausalLM(transformers.MistralConfig(**LLAMA_LIKE)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**LLAMA_LIKE)),
+    "gemma": lambda: transformers.GemmaForCausalLM(transformers.GemmaConfig(**LLAMA_LIKE, head_dim=16)),
+    "opt": lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=64, max_position_embeddings=64)),
+    "gpt2": lambda: linear_from_conv1d(transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=64, n_layer=2, n_head=4))),
+}
+Q4 = QuantConfig(4, group_size=32)
+
+
+def lora_merged(model):
+    targets = ("c_attn",) if isinstance(model, transformers.GPT2LMHeadModel) else ("q_proj", "v_proj")
+    apply_lora(model, LoraConfig(r=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    return merge_and_unload(model)
+
+
+TECHNIQUES = {
+    "rtn": lambda m: rtn_model(m, Q4, progress=False),
+    "gptq": lambda m: gptq_model(m, CALIB, GPTQConfig(Q4), progress=False),
+    "awq": lambda m: awq_model(m, CALIB, AWQConfig(Q4), progress=False),
+    "llm.int8": lambda m: llm_int8_model(m, CALIB, progress=False),
+    "zeroquant": lambda m: zeroquant_model(m, WAQuantConfig(group_size=32), progress=False),
+    "smoothquant": lambda m: smoothquant_model(m, CALIB, SmoothQuantConfig(), progress=False),
+    "magnitude": lambda m: magnitude_prune_model(m, PruneConfig(0.5), progress=False),
+    "wanda 2:4": lambda m: wanda_prune_model(m, CALIB, PruneConfig(nm="2:4"), progress=False),
+    "sparsegpt": lambda m: sparsegpt_prune_model(m, CALIB, PruneConfig(0.5), progress=False),
+    "svd": lambda m: svd_compress_model(m, 0.5, progress=False),
+    "lora + merge_and_unload": lora_merged,
+}
+REFUSED = {  # (family, technique): what the refusal says
+    ("gemma", "smoothquant"): "does not compute x / rms",
+    ("opt", "smoothquant"): "is not a LLaMA block this module knows",
+    ("gpt2", "smoothquant"): "is not a LLaMA block this module knows",
+}
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_technique_runs_on_family_or_refuses_it_by_name(family, technique):
+    torch.manual_seed(0)
+    model = FAMILIES[family]().eval()
+    with torch.no_grad():
+        dense = model(IDS).logits
+    if (family, technique) in REFUSED:
+        state = copy.deepcopy(model.state_dict())
+        with pytest.raises(ValueError, match=REFUSED[family, technique]):
+            TECHNIQUES[technique](model)
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        return
+    result = TECHNIQUES[technique](model)
+    model = result if isinstance(result, torch.nn.Module) else model  # merge_and_unload returns the model
+    with torch.no_grad():
+        after = model(IDS).logits
+    assert after.isfinite().all()
+    change = ((after - dense).norm() / dense.norm()).item()
+    assert 0 < change < 1.0, f"{technique} on {family}: relative change of the logits {change:.3f}"
