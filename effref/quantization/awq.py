@@ -82,7 +82,11 @@ def awq_layer(linear: nn.Linear, stats: LayerInputs, cfg: AWQConfig | None = Non
 
 
 def awq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: AWQConfig | None = None, **driver) -> nn.Module:
-    """Model-level AWQ over every linear of every block (see ``quantize_model``)."""
+    """Model-level AWQ over every linear of every block; returns the model, changed in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress`` and ``stats`` (shared calibration statistics).
+    """
     calib_batches = calibration_or_none(calib_batches, "awq_model")
     cfg = config_or_default(cfg, AWQConfig, "AWQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: awq_layer(linear, stats, cfg), calib_batches,

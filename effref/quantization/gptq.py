@@ -154,7 +154,11 @@ def gptq_layer(linear: nn.Linear, stats: LayerInputs, cfg: GPTQConfig | None = N
 
 
 def gptq_model(model: nn.Module, calib_batches: torch.Tensor, cfg: GPTQConfig | None = None, **driver) -> nn.Module:
-    """Model-level GPTQ: every linear of every block, calibrated sequentially (see ``quantize_model``)."""
+    """Model-level GPTQ: every linear of every block, calibrated sequentially; returns the model, in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress`` and ``stats`` (shared calibration statistics).
+    """
     calib_batches = calibration_or_none(calib_batches, "gptq_model")
     cfg = config_or_default(cfg, GPTQConfig, "GPTQConfig(QuantConfig(bits=4))")
     return quantize_model(model, lambda name, linear, stats: gptq_layer(linear, stats, cfg), calib_batches,

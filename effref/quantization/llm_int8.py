@@ -74,7 +74,11 @@ def llm_int8_layer(linear: nn.Linear, stats: LayerInputs | None = None, threshol
 def llm_int8_model(model: nn.Module, calib_batches: torch.Tensor | None = None, threshold: float = 6.0,
                    **driver) -> nn.Module:
     """Model-level LLM.int8(); with ``calib_batches`` (or shared ``stats``) the usual outlier columns get
-    float16 weight copies."""
+    float16 weight copies. Returns the model, changed in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress`` and ``stats`` (shared calibration statistics).
+    """
     calib_batches = calibration_or_none(calib_batches, "llm_int8_model")
     needs = ("abs_max",) if calib_batches is not None or driver.get("stats") is not None else ()
     return quantize_model(model, lambda name, linear, stats: llm_int8_layer(linear, stats, threshold),

@@ -102,7 +102,11 @@ def quip_layer(linear: nn.Linear, stats: LayerInputs, cfg: QuIPConfig | None = N
 
 
 def quip_model(model: nn.Module, calib_batches: torch.Tensor, cfg: QuIPConfig | None = None, **driver) -> nn.Module:
-    """Model-level QuIP over every linear of every block (see ``quantize_model``)."""
+    """Model-level QuIP over every linear of every block; returns the model, changed in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress`` and ``stats`` (shared calibration statistics).
+    """
     calib_batches = calibration_or_none(calib_batches, "quip_model")
     cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     return quantize_model(model, lambda name, linear, stats: quip_layer(linear, stats, cfg), calib_batches,

@@ -25,7 +25,11 @@ def rtn_layer(linear: nn.Linear, stats: LayerInputs | None = None, cfg: QuantCon
 
 
 def rtn_model(model: nn.Module, cfg: QuantConfig | None = None, **driver) -> nn.Module:
-    """Model-level RTN: every linear of every decoder block, no calibration (see ``quantize_model``)."""
+    """Model-level RTN: every linear of every decoder block, no calibration; returns the model, in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress``.
+    """
     cfg = config_or_default(cfg, QuantConfig, "QuantConfig(bits=4, group_size=128)")
     return quantize_model(model, lambda name, linear, stats: rtn_layer(linear, stats, cfg), desc="RTN",
                           check=group_check(cfg), **driver)

@@ -145,7 +145,11 @@ def spqr_layer(linear: nn.Linear, stats: LayerInputs, cfg: SpQRConfig | None = N
 
 
 def spqr_model(model: nn.Module, calib_batches: torch.Tensor, cfg: SpQRConfig | None = None, **driver) -> nn.Module:
-    """Model-level SpQR over every linear of every block (see ``quantize_model``)."""
+    """Model-level SpQR over every linear of every block; returns the model, changed in place.
+
+    ``**driver`` goes to ``quantize_model``: ``target`` (which linears), ``block_ids``, ``batch_size``,
+    ``max_samples``, ``seed``, ``progress`` and ``stats`` (shared calibration statistics).
+    """
     calib_batches = calibration_or_none(calib_batches, "spqr_model")
     cfg = config_or_default(cfg, SpQRConfig, "SpQRConfig()")
     return quantize_model(model, lambda name, linear, stats: spqr_layer(linear, stats, cfg), calib_batches,
