@@ -4,7 +4,9 @@ Papers: the sequential layer-wise scheme of OBC/GPTQ (Frantar et al., 2022–202
 arXiv:2210.17323) that SparseGPT (arXiv:2301.00774, §3) and Wanda (arXiv:2306.11695, §3) use for pruning
 and GPTQ/AWQ for quantization.
 Implements, for a model whose decoder blocks sit in an ``nn.ModuleList``:
-  1. capture what block 0 receives for each calibration batch (stop the forward pass right there);
+  1. capture what block 0 receives for each calibration batch (stop the forward pass right there), and what
+     every block receives beside its hidden state (rotary tables, masks): shared in LLaMA, per layer in a
+     family like Gemma 2 (sliding-window and global layers), where each block then gets its own;
   2. for block i, run it with forward hooks on its target linears, accumulating statistics of each linear's
      input rows X (n × C): H = XᵀX / n, per-channel mean x², max |x|, mean |x|, min, max, sampled rows;
   3. hand every target linear and its statistics to ``layer_fn``, which may change it in place or return a
@@ -108,26 +110,60 @@ class _Captured(Exception):
     """Raised by the block-0 hook: block 0's inputs are recorded, the rest of the forward pass is not needed."""
 
 
-def _block_inputs(model: nn.Module, block: nn.Module, batches: torch.Tensor,
-                  batch_size: int) -> list[tuple[tuple, dict]]:
-    records: list[tuple[tuple, dict]] = []
+def _block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: torch.Tensor,
+                  batch_size: int) -> tuple[list[tuple[tuple, dict]], list[list[tuple[tuple, dict]]] | None]:
+    """What the model's own forward pass feeds the blocks, per calibration batch.
 
-    def hook(module, args, kwargs):
-        records.append((args, kwargs))
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    Returns (block 0's (args, kwargs) per batch, and for every block the arguments beside the hidden state,
+    ``(args[1:], kwargs)`` per batch — or None when every block gets block 0's, as in LLaMA, where the rotary
+    tables and the mask are shared). A family whose layers differ (Gemma 2: sliding-window layers with their own
+    RoPE base and mask) gets each block's own, so no block is calibrated on another block's positions.
+    """
     is_hf = hasattr(model, "config") and not hasattr(model, "cfg")
-    try:
-        for start in range(0, batches.shape[0], batch_size):
-            chunk = batches[start:start + batch_size]  # (b, T)
-            try:
-                model(chunk, use_cache=False) if is_hf else model(chunk)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return records
+    chunks = [batches[start:start + batch_size] for start in range(0, batches.shape[0], batch_size)]  # (b, T) each
+
+    def capture(chunk: torch.Tensor, last: int) -> list[tuple[tuple, dict]]:
+        """Run the forward pass over ``chunk`` up to block ``last``, recording what each block receives."""
+        seen: list[tuple[tuple, dict]] = []
+
+        def hook(module, args, kwargs):
+            seen.append((args, kwargs) if not seen else ((None, *args[1:]), kwargs))  # later hidden states: not kept
+            if len(seen) > last:
+                raise _Captured
+
+        handles = [block.register_forward_pre_hook(hook, with_kwargs=True) for block in blocks]
+        try:
+            model(chunk, use_cache=False) if is_hf else model(chunk)
+        except _Captured:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    first = capture(chunks[0], len(blocks) - 1)  # one full pass: do the blocks differ in what they get?
+    if all(_same(extras(first[i]), extras(first[0])) for i in range(1, len(blocks))):
+        return [first[0]] + [capture(chunk, 0)[0] for chunk in chunks[1:]], None
+    per_batch = [first] + [capture(chunk, len(blocks) - 1) for chunk in chunks[1:]]
+    return [seen[0] for seen in per_batch], [[extras(seen[i]) for seen in per_batch] for i in range(len(blocks))]
+
+
+def extras(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """A block call's arguments beside the hidden state (its first positional argument)."""
+    args, kwargs = call
+    return args[1:], kwargs
+
+
+def _same(a, b) -> bool:
+    """Whether two block calls' extra arguments are the same (tensors by identity or by value)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and (a is b or torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a is b or a == b
 
 
 def _hidden(output) -> torch.Tensor:
@@ -221,10 +257,10 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
             if check is not None:
                 check(f"{prefix}.{i}.{name}", linear)
     bar = progress_bar(total=sum(len(v) for v in plan.values()), desc=desc, disable=not progress)
-    records, keep, generator = None, 0, torch.Generator().manual_seed(seed)
+    records, block_extras, keep, generator = None, None, 0, torch.Generator().manual_seed(seed)
     if needs:
         device = next(model.parameters()).device
-        records = _block_inputs(model, blocks[0], calib_batches.to(device), batch_size)
+        records, block_extras = _block_inputs(model, blocks, calib_batches.to(device), batch_size)
         keep = -(-max_samples // calib_batches.shape[0])  # sampled rows per sequence
     for i in range(max(plan) + 1):
         stats, outputs = {}, None
@@ -239,7 +275,8 @@ def walk_linears(model: nn.Module, layer_fn: LayerFn, calib_batches: torch.Tenso
         if records is not None and i < max(plan):  # outputs of block i are the inputs of block i + 1
             if sequential:
                 outputs = [_hidden(blocks[i](*args, **kwargs)) for args, kwargs in records]
-            records = [((out,) + tuple(args[1:]), kwargs) for out, (args, kwargs) in zip(outputs, records)]
+            nxt = block_extras[i + 1] if block_extras is not None else [extras(r) for r in records]
+            records = [((out,) + tuple(rest), kwargs) for out, (rest, kwargs) in zip(outputs, nxt)]
     bar.close()
     return model
 

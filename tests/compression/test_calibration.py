@@ -15,6 +15,19 @@ def _models():
     return {"hf": hf, "effref": Llama.from_hf(hf)}
 
 
+def _layers_differ(family: str) -> nn.Module:
+    """Families whose blocks are not all called alike: Gemma 2 alternates sliding-window layers (one RoPE base,
+    a window mask) with global ones; Mistral's window mask, with a window shorter than the sequence."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2)
+    torch.manual_seed(0)
+    if family == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**common, head_dim=16, sliding_window=8)).eval()
+    return transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=8)).eval()
+
+
 def _inputs_by_hooks(model: nn.Module, batches: torch.Tensor) -> dict[str, torch.Tensor]:
     """Every block linear's input rows (n, C), captured during one ordinary forward pass."""
     rows: dict[str, list[torch.Tensor]] = {}
@@ -30,9 +43,9 @@ def _inputs_by_hooks(model: nn.Module, batches: torch.Tensor) -> dict[str, torch
     return {k: torch.cat(v) for k, v in rows.items()}
 
 
-@pytest.mark.parametrize("impl", ["hf", "effref"])
+@pytest.mark.parametrize("impl", ["hf", "effref", "gemma2", "mistral-window"])
 def test_statistics_equal_those_of_the_inputs_seen_in_a_plain_forward(impl):
-    model = _models()[impl]
+    model = _models()[impl] if impl in ("hf", "effref") else _layers_differ(impl.split("-")[0])
     batches = torch.randint(0, 256, (5, 24), generator=torch.Generator().manual_seed(0))
     stats = collect_input_stats(model, batches, needs=("hessian", "sq_mean", "abs_max", "abs_mean", "min", "max"),
                                 batch_size=2, progress=False)
