@@ -107,7 +107,7 @@ def block_linears(model: nn.Module, target: Callable[[str, nn.Module], bool] | N
 
 
 class _Captured(Exception):
-    """Raised by the block-0 hook: block 0's inputs are recorded, the rest of the forward pass is not needed."""
+    """Raised by the capture hook once the last block wanted is recorded: the rest of the pass is not needed."""
 
 
 def _block_inputs(model: nn.Module, blocks: nn.ModuleList, batches: torch.Tensor,
