@@ -140,10 +140,15 @@ class MergeableAdapter(nn.Module):
             return
         bias = getattr(self.base, "bias", None)
         with torch.no_grad():
+            new_weight = self.merged_weight(weight.detach())
+            new_bias = None if bias is None else self.merged_bias(bias.detach())
+            if not torch.isfinite(new_weight).all() or (new_bias is not None and not torch.isfinite(new_bias).all()):
+                raise ValueError(f"merging {type(self).__name__} gives inf or NaN weights (the base or the adapter "
+                                 "holds them, e.g. after a diverged training step); nothing was merged")
             self._premerge = (weight.detach().clone(), None if bias is None else bias.detach().clone())
-            weight.copy_(self.merged_weight(weight.detach()).to(weight.dtype))
+            weight.copy_(new_weight.to(weight.dtype))
             if bias is not None:
-                bias.copy_(self.merged_bias(bias.detach()).to(bias.dtype))
+                bias.copy_(new_bias.to(bias.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
@@ -167,9 +172,26 @@ def adapters_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
     return found
 
 
+def mergeable_adapters(model: nn.Module, kind: type = MergeableAdapter) -> dict[str, MergeableAdapter]:
+    """{name: adapter} of type ``kind``, each checked to fold into a finite floating-point weight: a merge of the
+    whole model then either happens everywhere or nowhere."""
+    layers = adapters_of(model, kind)
+    for name, layer in layers.items():
+        weight = layer._float_weight()
+        if weight is None:
+            raise TypeError(f"cannot merge {name} ({type(layer).__name__}) into its {type(layer.base).__name__} "
+                            "base: it has no floating-point `weight`; dequantize the base first, or keep the "
+                            "adapter unmerged")
+        with torch.no_grad():
+            if not layer.merged and not torch.isfinite(layer.merged_weight(weight.detach())).all():
+                raise ValueError(f"merging {name} gives inf or NaN weights (the base or the adapter holds them); "
+                                 "nothing was merged")
+    return layers
+
+
 def merge_adapters(model: nn.Module, kind: type = MergeableAdapter) -> nn.Module:
-    """Merge every adapter of type ``kind`` (default: every mergeable one) into its base weight."""
-    for layer in adapters_of(model, kind).values():
+    """Merge every adapter of type ``kind`` (default: every mergeable one) into its base weight; all or none."""
+    for layer in mergeable_adapters(model, kind).values():
         layer.merge()
     return model
 
@@ -186,12 +208,7 @@ def merge_and_unload(model: nn.Module, kind: type = MergeableAdapter) -> nn.Modu
     is then plain again (a transformers model stays one, and ``save_pretrained`` / ``from_pretrained`` round
     trip it), with no wrapper and no kept copy of the pre-merge weight. peft's name for the same step; unlike
     ``merge_adapters`` it cannot be undone. Every adapter is checked before the first one is folded in."""
-    layers = adapters_of(model, kind)
-    for name, layer in layers.items():
-        if layer._float_weight() is None:
-            raise TypeError(f"cannot merge {name} ({type(layer).__name__}) into its {type(layer.base).__name__} "
-                            "base: it has no floating-point `weight`; dequantize the base first, or keep the "
-                            "adapter unmerged")
+    layers = mergeable_adapters(model, kind)
     for name, layer in layers.items():
         layer.merge()
         layer._premerge = None  # the unmerge copy: not needed once the wrapper is gone

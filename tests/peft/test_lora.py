@@ -229,3 +229,17 @@ def test_lora_config_takes_peft_names_and_all_linear():
     model = apply_lora(tiny(), LoraConfig(r=2, target_modules="all-linear"))
     wrapped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoraLinear)}
     assert wrapped == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}  # not lm_head
+
+
+def test_merging_nan_is_refused_and_nothing_changes():
+    model = apply_lora(tiny(), LoraConfig(r=4, target_modules=TARGETS))
+    randomise_b(model)
+    layer = [m for m in model.modules() if isinstance(m, LoraLinear)][-1]  # the last: the others come first
+    with torch.no_grad():
+        layer.lora_B.weight[0, 0] = float("nan")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (merge_lora, merge_and_unload):
+        with pytest.raises(ValueError, match="gives inf or NaN weights"):
+            merge(model)
+        assert not any(m.merged for m in model.modules() if isinstance(m, LoraLinear))
+        assert all(torch.equal(state[k].nan_to_num(), v.nan_to_num()) for k, v in model.state_dict().items())
