@@ -44,7 +44,9 @@ def ids(seed=0, shape=(2, 12)):
     return torch.randint(0, 256, shape, generator=torch.Generator().manual_seed(seed))
 
 
-def test_lora_matches_peft_outputs_and_parameter_counts():
+def lora_and_peft_twin():
+    """(base, our LoRA on a copy with random B, peft's LoRA on another copy holding the same A and B, the number of
+    adapted layers): the same adapter built twice, independently."""
     base = tiny()
     ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=TARGETS))
     randomise_b(ours)
@@ -58,6 +60,11 @@ def test_lora_matches_peft_outputs_and_parameter_counts():
                 module.lora_A["default"].weight.copy_(mine.lora_A.weight)
                 module.lora_B["default"].weight.copy_(mine.lora_B.weight)
             n += 1
+    return base, ours, theirs, n
+
+
+def test_lora_matches_peft_outputs_and_parameter_counts():
+    base, ours, theirs, n = lora_and_peft_twin()
     assert n == 2 * 3  # 2 layers × 3 targets
     x = ids()
     torch.testing.assert_close(ours(x).logits, theirs(x).logits, rtol=1e-5, atol=1e-5)
@@ -180,16 +187,7 @@ def test_merging_a_model_without_lora_is_an_error():
 
 def test_merge_and_unload_gives_the_plain_model_peft_gives(tmp_path):
     # peft's merge_and_unload: the adapters folded in, the wrappers gone, nothing kept on the side
-    base = tiny()
-    ours = apply_lora(copy.deepcopy(base), LoraConfig(r=4, alpha=8, target_modules=TARGETS))
-    randomise_b(ours)
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(TARGETS)))
-    for name, module in theirs.named_modules():
-        if isinstance(module, peft.tuners.lora.LoraLayer):
-            mine = ours.get_submodule(name.removeprefix("base_model.model."))
-            with torch.no_grad():
-                module.lora_A["default"].weight.copy_(mine.lora_A.weight)
-                module.lora_B["default"].weight.copy_(mine.lora_B.weight)
+    base, ours, theirs, _ = lora_and_peft_twin()
     x = ids()
     with torch.no_grad():
         adapted = ours(x).logits
