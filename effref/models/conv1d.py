@@ -26,11 +26,6 @@ class LinearFromConv1D(nn.Linear):
     """An ``nn.Linear`` that was a transformers ``Conv1D`` (``conv1d_from_linear`` turns it back)."""
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
 def linear_from_conv1d(model: nn.Module) -> nn.Module:
     """Replace every ``Conv1D`` of ``model`` by an equivalent ``nn.Linear`` (weight transposed), in place."""
     convs = {name: m for name, m in model.named_modules() if isinstance(m, Conv1D)}
@@ -42,7 +37,7 @@ def linear_from_conv1d(model: nn.Module) -> nn.Module:
             linear.weight.copy_(conv.weight.T)  # (nf, nx) = (out_features, in_features)
             linear.bias.copy_(conv.bias)
         linear.requires_grad_(conv.weight.requires_grad)
-        _swap(model, name, linear)
+        model.set_submodule(name, linear)
     return model
 
 
@@ -57,7 +52,7 @@ def conv1d_from_linear(model: nn.Module) -> nn.Module:
             conv.weight.copy_(linear.weight.T)  # (nx, nf)
             conv.bias.copy_(linear.bias)
         conv.requires_grad_(linear.weight.requires_grad)
-        _swap(model, name, conv)
+        model.set_submodule(name, conv)
     return model
 
 
