@@ -35,6 +35,7 @@ from torch import nn
 
 from effref.checks import calibration_or_none, config_or_default
 from effref.compression.calibration import find_blocks
+from effref.models.calls import forward_logits, model_device
 from effref.quantization.driver import LayerInputs, collect_statistics
 from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
 from effref.runtime import progress_bar
@@ -123,10 +124,9 @@ def check_norm_producers(model: nn.Module, groups: list[SmoothGroup]) -> None:
                 seen.setdefault(key, (inputs[0], output))
             handles.append(g.block.get_submodule(name).register_forward_hook(hook))
     config = getattr(model, "config", None) or model.cfg
-    weight = next(model.parameters())
-    probe = (torch.arange(8, device=weight.device) * 7 % config.vocab_size)[None]  # (1, 8) token ids
+    probe = (torch.arange(8, device=model_device(model)) * 7 % config.vocab_size)[None]  # (1, 8) token ids
     try:
-        model(probe, use_cache=False) if hasattr(model, "config") else model(probe)
+        forward_logits(model, probe)
     finally:
         for h in handles:
             h.remove()
