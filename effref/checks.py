@@ -4,7 +4,8 @@ the fix, instead of deep inside a technique with an attribute error.
 ``config_or_default(cfg, Expected, example)`` is the one every model-level call runs on its config: ``None``
 gives ``Expected()``, an instance passes, anything else (a float where a ``PruneConfig`` belongs, a
 ``QuantConfig`` where a ``GPTQConfig`` wraps one, a dict) raises a ``TypeError`` saying what to pass.
-``calibration_or_none(calib_batches, call)`` guards the one argument order every model-level compression call
+``on_off(name, value, choices)`` reads an on/off environment switch (``EFFREF_PROGRESS``,
+``EFFREF_TRITON_INTERPRET``) and refuses anything ambiguous. ``calibration_or_none(calib_batches, call)`` guards the one argument order every model-level compression call
 uses, ``(model, calib_batches, cfg)``: a config in the batches' place is refused with that order.
 """
 
@@ -15,6 +16,15 @@ from typing import TypeVar
 import torch
 
 Config = TypeVar("Config")
+ON_WORDS, OFF_WORDS = ("1", "true", "on", "yes"), ("0", "false", "off", "no")  # what Triton itself reads as on
+
+
+def on_off(name: str, value: str, choices: str) -> bool:
+    """The switch ``name`` set to ``value``: True or False, or a ValueError that says what ``choices`` mean."""
+    word = value.strip().lower()
+    if word not in ON_WORDS + OFF_WORDS:
+        raise ValueError(f"{name}={value!r} is not an on/off value; set it to {choices}")
+    return word in ON_WORDS
 
 
 def config_or_default(value: object, expected: type[Config], example: str, name: str = "cfg") -> Config:

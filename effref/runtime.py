@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from effref.checks import on_off
+
 try:  # notebook progress widgets need ipywidgets; without it tqdm.auto warns, so fall back to text bars
     import ipywidgets  # noqa: F401
     from tqdm.auto import tqdm
@@ -30,7 +32,6 @@ except ImportError:
     from tqdm import tqdm
 
 SCALE_NAMES = ("quick", "paper")
-ON_WORDS, OFF_WORDS = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
 
 
 def in_notebook() -> bool:
@@ -42,13 +43,10 @@ def in_notebook() -> bool:
 
 def progress_enabled() -> bool:
     """``EFFREF_PROGRESS`` when it is set, else whether we run in a notebook."""
-    value = os.environ.get("EFFREF_PROGRESS", "").strip().lower()
-    if not value:
+    value = os.environ.get("EFFREF_PROGRESS", "")
+    if not value.strip():
         return in_notebook()
-    if value not in ON_WORDS + OFF_WORDS:
-        raise ValueError(f"EFFREF_PROGRESS={value!r} is not an on/off value; set it to 1 (show progress "
-                         "bars) or 0 (hide them)")
-    return value in ON_WORDS
+    return on_off("EFFREF_PROGRESS", value, "1 (show progress bars) or 0 (hide them)")
 
 
 def progress_bar(iterable=None, *, disable: bool = False, **options) -> tqdm:

@@ -41,25 +41,13 @@ from pathlib import Path
 
 import torch
 
+from effref.checks import ON_WORDS, on_off
+
 _CHECKOUT_KERNELS = Path(__file__).resolve().parents[2] / "kernels"  # the repository's kernels/ folder
 if not Path(__file__).with_name("_runtime.py").is_file() and (_CHECKOUT_KERNELS / "_runtime.py").is_file():
     __path__.append(str(_CHECKOUT_KERNELS))  # a source checkout: the modules live in kernels/, not beside us
 KERNELS_DIR = Path(__path__[-1])  # the folder of the kernel modules (and of results/)
 RESULTS_DIR = KERNELS_DIR / "results"  # <device>.json files written by kernels/measure_on_gpu.sh
-
-TRUE_WORDS = ("1", "true", "on", "yes")  # what Triton itself reads as "on"
-FALSE_WORDS = ("0", "false", "off", "no", "")
-
-
-def _parse_flag(name: str, value: str) -> bool:
-    """Read an on/off environment variable, refusing anything ambiguous."""
-    word = value.strip().lower()
-    if word in TRUE_WORDS:
-        return True
-    if word in FALSE_WORDS:
-        return False
-    raise ValueError(f"{name}={value!r} is not an on/off value; set it to 1 (interpret on CPU) or 0 (compile "
-                     "for the GPU), or unset it to decide from the hardware")
 
 
 def cuda_gpu_present() -> bool:
@@ -83,11 +71,12 @@ def resolve_interpret(environ: Mapping[str, str], gpu_present: Callable[[], bool
     """Decide whether Triton should interpret, and say why (rules 1-3 of the module docstring)."""
     override = environ.get("EFFREF_TRITON_INTERPRET")
     if override is not None and override.strip():
-        on = _parse_flag("EFFREF_TRITON_INTERPRET", override)
+        on = on_off("EFFREF_TRITON_INTERPRET", override, "1 (interpret on CPU) or 0 (compile for the GPU), or "
+                    "unset it to decide from the hardware")
         return on, f"EFFREF_TRITON_INTERPRET={override.strip()}"
     preset = environ.get("TRITON_INTERPRET")
     if preset is not None:
-        return preset.strip().lower() in TRUE_WORDS, f"TRITON_INTERPRET={preset} was already set"
+        return preset.strip().lower() in ON_WORDS, f"TRITON_INTERPRET={preset} was already set"
     if gpu_present():
         return False, "a CUDA GPU is present"
     return True, "no CUDA GPU is present"
@@ -99,7 +88,7 @@ INTERPRETED, INTERPRET_REASON = resolve_interpret(os.environ, cuda_gpu_present)
 # and kernels fail under the interpreter with "Cannot call @triton.jit'd outside of the scope of a kernel".
 # ``import effref`` imports this package first, which avoids it; the launchers check this flag to say so.
 TRITON_IMPORTED_TOO_EARLY = (INTERPRETED and "triton" in sys.modules
-                             and os.environ.get("TRITON_INTERPRET", "").strip().lower() not in TRUE_WORDS)
+                             and os.environ.get("TRITON_INTERPRET", "").strip().lower() not in ON_WORDS)
 os.environ["TRITON_INTERPRET"] = "1" if INTERPRETED else "0"
 
 
