@@ -38,8 +38,13 @@ def config_or_default(value: object, expected: type[Config], example: str, name:
 
 
 def calibration_or_none(value: object, call: str) -> torch.Tensor | None:
-    """``value`` when it is a tensor (the (n, T) token ids) or None; anything else is refused with the order."""
-    if value is None or isinstance(value, torch.Tensor):
+    """``value`` when it is a (n, T) tensor of token ids, or None; anything else is refused with the order."""
+    if value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 2 or value.is_floating_point() or value.is_complex() or value.numel() == 0:
+            raise ValueError(f"{call}: calib_batches must be a (n, T) tensor of token ids, got shape "
+                             f"{tuple(value.shape)} {value.dtype}; use effref.data.calibration_batches")
         return value
     raise TypeError(f"{call} takes (model, calib_batches, cfg), like every model-level compression call: "
                     f"calib_batches must be a (n, T) tensor of token ids or None, got {type(value).__name__}; "

@@ -34,10 +34,11 @@ from effref.checks import calibration_or_none, config_or_default
 from effref.quantization.basics import fake_quantize
 from effref.quantization.driver import LayerInputs
 from effref.quantization.smoothquant import (
-    KINDS,
     SmoothGroup,
     apply_channel_transform,
     collect_group_stats,
+    default_probe,
+    keep_function,
     smoothing_groups,
 )
 from effref.quantization.zeroquant import WAQuantConfig, quantize_activations, wa_quantize_model
@@ -49,7 +50,7 @@ NEEDS = ("min", "max", "samples")
 @dataclass
 class OSPlusConfig:
     n_grid: int = 20  # candidate thresholds, geometric from the widest channel's range down to the narrowest
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] | None = None  # None: every kind the model has (see smoothing_groups)
     max_samples: int = 512  # calibration rows (tokens) per group used in the search
     max_out_rows: int = 256  # output channels per consumer scored in the search (a seeded subset; per-row
     # weight quantization makes the error of a row independent of the others, so the subset is unbiased)
@@ -110,19 +111,26 @@ def os_plus_transform(model: nn.Module, calib_batches: torch.Tensor | None = Non
     SmoothQuant; otherwise one calibration pass over ``calib_batches`` collects them.
     """
     cfg = config_or_default(cfg, OSPlusConfig, "OSPlusConfig()")
-    groups = smoothing_groups(model, cfg.kinds)
+    calib_batches = calibration_or_none(calib_batches, "os_plus_transform")
+    probe = None if calib_batches is None else calib_batches[:1, :64]  # (1, ≤ 64) token ids
+    groups = smoothing_groups(model, cfg.kinds, probe)
     if stats is None:
         if calib_batches is None:
             raise ValueError("os_plus_transform needs activation statistics: pass calib_batches=calibration_batches("
                              "ids, n, seq_len) or stats=collect_group_stats(..., needs=('min', 'max', 'samples'))")
         stats = collect_group_stats(model, groups, calib_batches, NEEDS, cfg.max_samples, progress=progress)
+    missing = [group.name for group in groups if group.name not in stats]
+    if missing:
+        raise ValueError(f"stats has no entry for {missing[:3]}; collect them on this model's groups")
     chosen = {}
-    for group in progress_bar(groups, desc="OS+ shift and scale", disable=not progress):
-        if group.name not in stats:
-            raise ValueError(f"stats has no entry for {group.name}; collect them on this model's groups")
-        shift, scale, t = os_plus_factors(group, stats[group.name], cfg)
-        apply_channel_transform(group, scale, shift)
-        chosen[group.name] = {"shift": shift, "scale": scale, "t": t}
+
+    def transform() -> None:
+        for group in progress_bar(groups, desc="OS+ shift and scale", disable=not progress):
+            shift, scale, t = os_plus_factors(group, stats[group.name], cfg)
+            apply_channel_transform(group, scale, shift)
+            chosen[group.name] = {"shift": shift, "scale": scale, "t": t}
+
+    keep_function(model, groups, probe if probe is not None else default_probe(model), transform)
     return chosen
 
 

@@ -41,13 +41,13 @@ from effref.quantization.zeroquant import WAQuantConfig, wa_quantize_model
 from effref.runtime import progress_bar
 
 KINDS = ("qkv", "gate_up", "o", "down")
-# Relative module names inside one decoder block: transformers' LlamaDecoderLayer, then ours.
-LAYOUTS = (
-    {"attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-     "o": "self_attn.o_proj", "mlp_norm": "post_attention_layernorm", "gate": "mlp.gate_proj",
-     "up": "mlp.up_proj", "down": "mlp.down_proj"},
-    {"attn_norm": "attn_norm", "q": "attn.q_proj", "k": "attn.k_proj", "v": "attn.v_proj", "o": "attn.o_proj",
-     "mlp_norm": "mlp_norm", "gate": "mlp.gate", "up": "mlp.up", "down": "mlp.down"},
+NORM_KINDS = ("qkv", "gate_up")  # the first and second normalisation in a block's forward pass that feed linears
+# The two linear → linear groups follow the value path of attention and SwiGLU's product, which tensor matching
+# cannot see, so they are found by name (transformers' LLaMA-shaped blocks, then ours) and verified after folding.
+LINEAR_LAYOUTS = (
+    {"q": "self_attn.q_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj", "up": "mlp.up_proj",
+     "down": "mlp.down_proj"},
+    {"q": "attn.q_proj", "v": "attn.v_proj", "o": "attn.o_proj", "up": "mlp.up", "down": "mlp.down"},
 )
 
 
@@ -64,6 +64,7 @@ class SmoothGroup:
     kv_groups: int = 1  # "o": each of v's output channels feeds kv_groups query heads' inputs of o
     shift_ok: bool = True  # a shift passes through softmax-weighted sums, not through SwiGLU's product
     d_head: int = 0  # "o" only: head size, to map o's inputs to v's outputs
+    gain_offset: float = 0.0  # norm producers: c in n(x)·(c + weight) + bias (0 for LLaMA and LayerNorm, 1 for Gemma)
 
     def linears(self) -> list[nn.Linear]:
         return [self.block.get_submodule(n) for n in self.consumers]
@@ -82,70 +83,132 @@ class SmoothGroup:
         return v.reshape(-1, 1, self.d_head).expand(-1, self.kv_groups, -1).reshape(-1)  # (n_heads · d_head,)
 
 
-def smoothing_groups(model: nn.Module, kinds: Sequence[str] = KINDS) -> list[SmoothGroup]:
-    """The groups of every decoder block of a transformers LLaMA or an effref ``Llama``, in block order."""
-    unknown = set(kinds) - set(KINDS)
+def smoothing_groups(model: nn.Module, kinds: Sequence[str] | None = None,
+                     probe: torch.Tensor | None = None) -> list[SmoothGroup]:
+    """The groups of every decoder block, in block order; ``kinds=None`` takes every kind the model has.
+
+    Norm groups are found from the model's own computation on ``probe`` token ids (a short fixed sequence by
+    default): a linear belongs to the normalisation layer whose output tensor is exactly its input, and the
+    norm's gain form is measured (see :func:`norm_gain_offset`). So LLaMA, Mistral, Qwen2, Gemma (gain
+    1 + weight), Gemma 2 (extra norms), OPT and GPT-2 (LayerNorm with bias) all work without a name table.
+    """
+    unknown = set(kinds or ()) - set(KINDS)
     if unknown:
         raise ValueError(f"kinds={sorted(unknown)} are not known; use a subset of {KINDS}")
     prefix, blocks = find_blocks(model)
-    names = next((lay for lay in LAYOUTS if _has_all(blocks[0], lay.values())), None)
-    if names is None:
-        raise ValueError(f"{type(blocks[0]).__name__} is not a LLaMA block this module knows; supported: "
-                         "transformers LlamaDecoderLayer and effref.models.llama.Block")
+    norm_groups = find_norm_groups(model, blocks, probe)
+    names = next((lay for lay in LINEAR_LAYOUTS if _has_all(blocks[0], lay.values())), None)
+    available = [k for k in NORM_KINDS if all(k in found for found in norm_groups)]
+    available += list(KINDS[2:]) if names is not None else []
+    missing = [k for k in kinds or () if k not in available]
+    if missing:
+        raise ValueError(f"{type(model).__name__} has no {missing} groups in every {type(blocks[0]).__name__}: "
+                         f"{'qkv / gate_up need a normalisation layer that feeds linears directly; ' if set(missing) & set(NORM_KINDS) else ''}"
+                         f"{'o / down follow LLaMA-shaped v_proj → o_proj and up_proj → down_proj; ' if set(missing) - set(NORM_KINDS) else ''}"
+                         f"pass kinds from {available}")
+    if not available:
+        raise ValueError(f"{type(blocks[0]).__name__} has no group to smooth: no normalisation layer feeds its "
+                         "linears directly (a post-norm block?) and it is not LLaMA-shaped")
     groups = []
     for i, block in enumerate(blocks):
-        q, v = block.get_submodule(names["q"]), block.get_submodule(names["v"])
-        attn = block.get_submodule(names["q"].rpartition(".")[0])
-        d_head = getattr(attn, "head_dim", None) or attn.d_head  # transformers, then ours
-        spec = {"qkv": (names["attn_norm"], [names["q"], names["k"], names["v"]], 1, True),
-                "gate_up": (names["mlp_norm"], [names["gate"], names["up"]], 1, True),
-                "o": (names["v"], [names["o"]], q.out_features // v.out_features, True),
-                "down": (names["up"], [names["down"]], 1, False)}
-        for kind in kinds:
-            producer, consumers, kv_groups, shift_ok = spec[kind]
+        spec = dict(norm_groups[i])
+        if names is not None:
+            q, v = block.get_submodule(names["q"]), block.get_submodule(names["v"])
+            attn = block.get_submodule(names["q"].rpartition(".")[0])
+            d_head = getattr(attn, "head_dim", None) or attn.d_head  # transformers, then ours
+            spec["o"] = (names["v"], [names["o"]], 0.0, q.out_features // v.out_features, True, d_head)
+            spec["down"] = (names["up"], [names["down"]], 0.0, 1, False, 0)
+        for kind in kinds or available:
+            producer, consumers, offset, kv_groups, shift_ok, d_head = spec[kind]
             groups.append(SmoothGroup(f"{prefix}.{i}.{kind}", f"{prefix}.{i}", block, producer, consumers, kind,
-                                      kv_groups, shift_ok, d_head))
-    check_norm_producers(model, groups)
+                                      kv_groups, shift_ok, d_head, offset))
     return groups
 
 
+def default_probe(model: nn.Module) -> torch.Tensor:
+    config = getattr(model, "config", None) or getattr(model, "cfg", None)
+    if config is None:
+        raise ValueError(f"{type(model).__name__} has no config with a vocab_size; pass probe= token ids")
+    return (torch.arange(8, device=model_device(model)) * 7 % config.vocab_size)[None]  # (1, 8) token ids
+
+
+def _is_norm(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return (isinstance(weight, torch.Tensor) and weight.ndim == 1
+            and not isinstance(module, (nn.Linear, nn.Embedding)))
+
+
 @torch.no_grad()
-def check_norm_producers(model: nn.Module, groups: list[SmoothGroup]) -> None:
-    """Check on one forward pass, before anything changes, what folding a scale into a norm assumes: each norm
-    producer's output is exactly what its consumers read, and the norm computes x / rms(x) · weight. A family
-    that only borrows LLaMA's names (Gemma: the MLP reads another norm, and the gain is 1 + weight) is refused
-    instead of silently changing the model's function."""
-    norm_groups = [g for g in groups if not isinstance(g.block.get_submodule(g.producer), nn.Linear)]
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # module name -> (its input, its output)
+def find_norm_groups(model: nn.Module, blocks: nn.ModuleList,
+                     probe: torch.Tensor | None = None) -> list[dict[str, tuple]]:
+    """Per block, {"qkv" / "gate_up": (norm name, consumer names, gain offset, 1, True, 0)} from one forward.
+
+    Every module with a 1-D ``weight`` (not a linear or embedding) is a candidate norm; each linear is matched to
+    the candidate whose output *is* (or equals) its input. The first matched norm in call order is "qkv", the
+    second "gate_up"; a norm nested in another candidate (ShiftedNorm's inner norm) is not a producer.
+    """
+    seen: dict[tuple[int, str], tuple] = {}  # (block, name) -> (call order, input, output)
     handles = []
-    for g in norm_groups:
-        for name in [g.producer, *g.consumers]:
-            def hook(module, inputs, output, key=f"{g.block_name}.{name}"):
-                seen.setdefault(key, (inputs[0], output))
-            handles.append(g.block.get_submodule(name).register_forward_hook(hook))
-    config = getattr(model, "config", None) or model.cfg
-    probe = (torch.arange(8, device=model_device(model)) * 7 % config.vocab_size)[None]  # (1, 8) token ids
+    for i, block in enumerate(blocks):
+        candidates = [n for n, m in block.named_modules() if _is_norm(m)]
+        for name, module in block.named_modules():
+            nested = any(name.startswith(c + ".") for c in candidates)
+            if isinstance(module, nn.Linear) or (name in candidates and not nested):
+                def hook(module, inputs, output, key=(i, name)):
+                    if key not in seen and inputs:
+                        seen[key] = (len(seen), inputs[0], output)
+                handles.append(module.register_forward_hook(hook))
     try:
-        forward_logits(model, probe)
+        forward_logits(model, default_probe(model) if probe is None else probe)
     finally:
         for h in handles:
             h.remove()
-    for g in norm_groups:
-        norm = g.block.get_submodule(g.producer)
-        x, out = seen[f"{g.block_name}.{g.producer}"]
-        for consumer in g.consumers:
-            if not torch.equal(seen[f"{g.block_name}.{consumer}"][0], out):
-                raise ValueError(f"{g.block_name}.{consumer} does not read the output of {g.producer} in "
-                                 f"{type(model).__name__}: smoothing {g.kind} would change the model; this "
-                                 "module supports LLaMA-shaped blocks only (pass kinds without it)")
-        inner, bias = (norm.norm, norm.bias.float()) if isinstance(norm, ShiftedNorm) else (norm, 0.0)
-        eps = getattr(inner, "variance_epsilon", getattr(inner, "eps", 1e-6))
-        x32 = x.float()
-        expected = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps) * inner.weight.float() + bias
-        if not torch.allclose(out.float(), expected, rtol=1e-3, atol=1e-4 * expected.abs().max().item()):
-            raise ValueError(f"{g.block_name}.{g.producer} ({type(norm).__name__}) does not compute "
-                             "x / rms(x) · weight (e.g. Gemma's RMSNorm scales by 1 + weight): dividing its "
-                             "weight by s would not divide its output by s, so smoothing is refused here")
+    found = []
+    for i, block in enumerate(blocks):
+        norms = sorted((order, name, x, out) for (b, name), (order, x, out) in seen.items()
+                       if b == i and not isinstance(block.get_submodule(name), nn.Linear))
+        readers: dict[str, list[str]] = {}
+        for (b, name), (_, x, _) in seen.items():
+            if b != i or not isinstance(block.get_submodule(name), nn.Linear):
+                continue
+            producer = next((n for _, n, _, out in norms if x is out), None) or next(
+                (n for _, n, _, out in norms if out.shape == x.shape and torch.equal(out, x)), None)
+            if producer is not None:
+                readers.setdefault(producer, []).append(name)
+        feeding = [(name, x, out) for _, name, x, out in norms if name in readers]
+        if len(feeding) > len(NORM_KINDS):
+            raise ValueError(f"block {i} has {len(feeding)} normalisation layers that feed linears "
+                             f"({[n for n, _, _ in feeding]}); this module knows two (attention and MLP inputs)")
+        found.append({kind: (name, readers[name], norm_gain_offset(block.get_submodule(name), x, out, name), 1,
+                             True, 0) for kind, (name, x, out) in zip(NORM_KINDS, feeding)})
+    return found
+
+
+@torch.no_grad()
+def norm_gain_offset(norm: nn.Module, x: torch.Tensor, out: torch.Tensor, name: str = "norm") -> float:
+    """c in  norm(x) = n(x) · (c + weight) + bias, measured: c = 0 for LLaMA / LayerNorm, 1 for Gemma.
+
+    The norm runs with its weight set to 0 and to 1 (then restored): the difference is n(x), the value at 0 is
+    c·n(x) + bias. A norm whose output is not of this form cannot take a folded scale and is refused.
+    """
+    weight, saved = norm.weight, norm.weight.detach().clone()
+    try:
+        weight.zero_()
+        at_zero = norm(x).float()
+        weight.fill_(1.0)
+        normalised = norm(x).float() - at_zero  # n(x)
+    finally:
+        weight.copy_(saved)
+    bias = norm.bias.float() if getattr(norm, "bias", None) is not None else torch.zeros_like(saved).float()
+    scale = max(out.float().abs().max().item(), 1e-6)
+    rtol = 1e-3 if saved.dtype in (torch.float32, torch.float64) else 2e-2  # half types round every output
+    for c in (0.0, 1.0):
+        expected = normalised * (c + saved.float()) + bias
+        if (torch.allclose(at_zero, normalised * c + bias, rtol=rtol, atol=rtol * 0.1 * scale)
+                and torch.allclose(out.float(), expected, rtol=rtol, atol=rtol * scale)):
+            return c
+    raise ValueError(f"{name} ({type(norm).__name__}) does not compute n(x) · weight (+ bias) or n(x) · (1 + weight) "
+                     "(+ bias) with a per-channel weight: a scale cannot be folded into it, so smoothing is refused")
 
 
 def _has_all(block: nn.Module, names) -> bool:
@@ -153,6 +216,32 @@ def _has_all(block: nn.Module, names) -> bool:
         return all(block.get_submodule(n) is not None for n in names)
     except AttributeError:
         return False
+
+
+@torch.no_grad()
+def keep_function(model: nn.Module, groups: list[SmoothGroup], probe: torch.Tensor, transform):
+    """Run ``transform()`` (which rewrites the groups in place) and check on ``probe`` token ids that the logits
+    are unchanged; on any error or change, put every producer and consumer back and raise."""
+    saved = []  # (block, name, module, its tensors): restored in reverse, so the first snapshot wins
+    for g in groups:
+        for name in [g.producer, *g.consumers]:
+            module = g.block.get_submodule(name)
+            saved.append((g.block, name, module, {k: v.clone() for k, v in module.state_dict().items()}))
+    before = forward_logits(model, probe).float()
+    try:
+        result = transform()
+        change = ((forward_logits(model, probe).float() - before).norm() / before.norm().clamp(min=1e-12)).item()
+        tolerance = 1e-3 if next(model.parameters()).dtype in (torch.float32, torch.float64) else 5e-2
+        if not change <= tolerance:
+            raise ValueError(f"smoothing changed {type(model).__name__}'s logits by {change:.2%} on the calibration "
+                             f"probe (allowed {tolerance:.2%}): its blocks do not compute what the folded scales "
+                             "assume, so the model was left unchanged; pass fewer kinds (e.g. ('qkv', 'gate_up'))")
+    except BaseException:
+        for block, name, module, state in reversed(saved):
+            module.load_state_dict(state)
+            block.set_submodule(name, module)
+        raise
+    return result
 
 
 def collect_group_stats(model: nn.Module, groups: list[SmoothGroup], calib_batches: torch.Tensor,
@@ -183,11 +272,6 @@ class ShiftedNorm(nn.Module):
         return self.norm(x) + self.bias.to(x.dtype)
 
 
-def _set(block: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(block.get_submodule(parent) if parent else block, child, module)
-
-
 def _with_bias(linear: nn.Linear) -> nn.Linear:
     if linear.bias is not None:
         return linear
@@ -202,7 +286,8 @@ def _with_bias(linear: nn.Linear) -> nn.Linear:
 def apply_channel_transform(group: SmoothGroup, scale: torch.Tensor, shift: torch.Tensor | None = None) -> None:
     """Replace the group's activations X by (X − z) / s and compensate in its consumers, exactly, in place.
 
-    Producer: output divided by s and shifted by −z/s (a norm's gain g → g/s plus a bias; a linear's rows).
+    Producer: output divided by s and shifted by −z/s (a norm's gain c + w → (c + w)/s and its bias b →
+    (b − z)/s, a bias added where it has none; a linear's rows and bias likewise).
     Consumers: W x + b = (W diag(s)) x' + (W z + b), so columns scale by s and z moves into the bias.
     Arithmetic is done in float64 and rounded once to each parameter's dtype.
     """
@@ -217,21 +302,23 @@ def apply_channel_transform(group: SmoothGroup, scale: torch.Tensor, shift: torc
             producer = _with_bias(producer)
             z = shift.double() if shift is not None else 0.0
             producer.bias.copy_((producer.bias.double() - z) / s)
-            _set(group.block, group.producer, producer)
-    else:  # a normalisation layer with a gain vector
-        producer.weight.copy_(producer.weight.double() / s)
-        if shift is not None:
-            if not isinstance(producer, ShiftedNorm):
-                producer = ShiftedNorm(producer, torch.zeros_like(producer.weight))
-                _set(group.block, group.producer, producer)
-            producer.bias.copy_((producer.bias.double() - shift.double()) / s)
+            group.block.set_submodule(group.producer, producer)
+    else:  # a normalisation layer n(x)·(c + w) + b
+        c = group.gain_offset
+        producer.weight.copy_((producer.weight.double() + c) / s - c)
+        if shift is not None and getattr(producer, "bias", None) is None:
+            producer = ShiftedNorm(producer, torch.zeros_like(producer.weight))
+            group.block.set_submodule(group.producer, producer)
+        if getattr(producer, "bias", None) is not None:
+            z = shift.double() if shift is not None else 0.0
+            producer.bias.copy_((producer.bias.double() - z) / s)
     s_in = group.expand(s)  # (C_in,)
     for name, linear in zip(group.consumers, group.linears()):
         w = linear.weight.double()  # (out, C_in)
         if shift is not None:
             linear = _with_bias(linear)
             linear.bias.copy_(linear.bias.double() + w @ group.expand(shift.double()))  # W z + b
-            _set(group.block, name, linear)
+            group.block.set_submodule(name, linear)
         linear.weight.copy_(w * s_in[None, :])
 
 
@@ -252,34 +339,41 @@ def group_weight_abs_max(group: SmoothGroup) -> torch.Tensor:
 
 
 def smooth_model(model: nn.Module, calib_batches: torch.Tensor | None = None, alpha: float = 0.5,
-                 kinds: Sequence[str] = KINDS, stats: dict[str, LayerInputs] | None = None,
+                 kinds: Sequence[str] | None = None, stats: dict[str, LayerInputs] | None = None,
                  progress: bool = True) -> dict[str, torch.Tensor]:
     """Model-level, before rounding: smooth every group in place; return the factors s per group name.
 
-    Statistics come from ``stats`` (``collect_group_stats`` with "abs_max", possibly shared with OS+)
-    or, when None, from one calibration pass over ``calib_batches``. The model's function is unchanged.
+    ``kinds=None`` smooths every kind the model has (all four on LLaMA-shaped models, the two norm groups on
+    OPT and GPT-2). Statistics come from ``stats`` (``collect_group_stats`` with "abs_max", possibly shared with
+    OS+) or, when None, from one calibration pass over ``calib_batches``. The logits are checked unchanged on a
+    calibration row afterwards; if they are not, the model is restored and the call refused.
     """
     calib_batches = calibration_or_none(calib_batches, "smooth_model")
-    groups = smoothing_groups(model, kinds)
+    probe = None if calib_batches is None else calib_batches[:1, :64]  # (1, ≤ 64) token ids
+    groups = smoothing_groups(model, kinds, probe)
     if stats is None:
         if calib_batches is None:
             raise ValueError("smooth_model needs activation statistics: pass calib_batches=calibration_batches(ids, "
                              "n, seq_len) or precomputed stats=collect_group_stats(...)")
         stats = collect_group_stats(model, groups, calib_batches, ("abs_max",), progress=progress)
-    factors = {}
-    for group in progress_bar(groups, desc=f"smoothing (α={alpha})", disable=not progress):
+    for group in groups:
         if group.name not in stats or stats[group.name].abs_max is None:
             raise ValueError(f"stats has no abs_max for {group.name}; collect it with needs=('abs_max',)")
-        act = group.reduce(stats[group.name].abs_max.to(group.linears()[0].weight.device))
-        factors[group.name] = smoothing_factors(act, group_weight_abs_max(group), alpha)
-        apply_channel_transform(group, factors[group.name])
+    factors = {group.name: smoothing_factors(group.reduce(stats[group.name].abs_max.to(group.linears()[0].weight.device)),
+                                             group_weight_abs_max(group), alpha) for group in groups}
+
+    def transform() -> None:
+        for group in progress_bar(groups, desc=f"smoothing (α={alpha})", disable=not progress):
+            apply_channel_transform(group, factors[group.name])
+
+    keep_function(model, groups, default_probe(model) if probe is None else probe, transform)
     return factors
 
 
 @dataclass
 class SmoothQuantConfig:
     alpha: float = 0.5
-    kinds: tuple[str, ...] = KINDS
+    kinds: tuple[str, ...] | None = None  # None: every kind the model has
     # the paper's W8A8 setting with the coarsest activation scale (per tensor), where outliers hurt most
     quant: WAQuantConfig = field(default_factory=lambda: WAQuantConfig(w_granularity="channel", a_granularity="tensor"))
 

@@ -144,3 +144,29 @@ BAD = [
 def test_bad_arguments_are_refused(make, error, message):
     with pytest.raises(error, match=message):
         make()
+
+
+@pytest.mark.parametrize("family", ["Gemma", "Gemma2", "OPT", "GPT2"])
+def test_shift_and_scale_keep_the_function_of_other_families(family):
+    # a shift folds into LayerNorm's own bias (OPT, GPT-2) or a bias added after Gemma's 1 + weight gain
+    import transformers
+
+    common = {"vocab_size": 256}
+    configs = {"Gemma": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, head_dim=16),
+               "OPT": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                           word_embed_proj_dim=64, max_position_embeddings=64),
+               "GPT2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)}
+    configs["Gemma2"] = configs["Gemma"]
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(**common, **configs[family])
+    model = getattr(transformers, "GPT2LMHeadModel" if family == "GPT2" else f"{family}ForCausalLM")(config).eval()
+    if family == "GPT2":
+        from effref.models.conv1d import linear_from_conv1d
+
+        model = linear_from_conv1d(model)
+    with torch.no_grad():
+        before = logits(model)
+        chosen = os_plus_transform(model, IDS, CFG, progress=False)
+        assert any(c["shift"] is not None and c["shift"].abs().max() > 0 for c in chosen.values())
+        torch.testing.assert_close(logits(model), before, atol=1e-4, rtol=1e-4)

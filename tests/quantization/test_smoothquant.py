@@ -8,7 +8,9 @@ from torch import nn
 
 from effref.models import load_model
 from effref.models.llama import Llama
+from effref.models.conv1d import linear_from_conv1d
 from effref.quantization.smoothquant import (
+    KINDS,
     SmoothQuantConfig,
     apply_channel_transform,
     collect_group_stats,
@@ -99,7 +101,9 @@ BAD = [
     (lambda: smooth_model(outlier_model("effref")), ValueError, r"needs activation statistics: pass calib_batches"),
     (lambda: smooth_model(outlier_model("effref"), IDS.float()), ValueError, r"calib_batches must be a \(n, T\)"),
     (lambda: smoothing_groups(nn.Sequential(nn.ModuleList([nn.Sequential(nn.Linear(2, 2))]))), ValueError,
-     r"is not a LLaMA block"),
+     r"has no config with a vocab_size; pass probe="),
+    (lambda: smoothing_groups(_family("OPT"), ("qkv", "o")), ValueError,
+     r"OPTForCausalLM has no \['o'\] groups .* o / down follow LLaMA-shaped"),
     (lambda: apply_channel_transform(smoothing_groups(outlier_model("hf"), ("down",))[0], torch.ones(128),
                                      torch.zeros(128)), ValueError, r"cannot take a shift"),
 ]
@@ -114,33 +118,64 @@ def test_bad_arguments_are_refused(make, error, message):
 def _family(name: str) -> nn.Module:
     import transformers
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16)
+    common = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+    extra = {"OPT": dict(ffn_dim=128, word_embed_proj_dim=64, max_position_embeddings=64, enable_bias=True),
+             "GPT2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=64)}
     torch.manual_seed(0)
-    config = getattr(transformers, f"{name}Config")(**common)
-    model = getattr(transformers, f"{name}ForCausalLM")(config).eval()
+    kwargs = extra.get(name, dict(intermediate_size=128, num_key_value_heads=2, head_dim=16))
+    config = getattr(transformers, f"{name}Config")(**(common if name != "GPT2" else {"vocab_size": 256}), **kwargs)
+    model = getattr(transformers, f"{name}ForCausalLM" if name != "GPT2" else "GPT2LMHeadModel")(config).eval()
     with torch.no_grad():  # norms away from their init, so that a wrong norm form shows
         for pname, p in model.named_parameters():
-            if "norm" in pname:
+            if "norm" in pname or ".ln_" in pname or "layer_norm" in pname:
                 p.uniform_(0.5, 1.5)
-    return model
+    return linear_from_conv1d(model) if name == "GPT2" else model
 
 
-@pytest.mark.parametrize("family", ["Mistral", "Qwen2"])
-def test_smoothing_keeps_the_function_of_llama_shaped_families(family):
+FAMILY_GROUPS = {  # family: (norm feeding the MLP, Gemma-style gain offset, kinds found)
+    "Mistral": ("post_attention_layernorm", 0.0, KINDS),
+    "Qwen2": ("post_attention_layernorm", 0.0, KINDS),
+    "Gemma": ("post_attention_layernorm", 1.0, KINDS),
+    "Gemma2": ("pre_feedforward_layernorm", 1.0, KINDS),
+    "OPT": ("final_layer_norm", 0.0, ("qkv", "gate_up")),
+    "GPT2": ("ln_2", 0.0, ("qkv", "gate_up")),
+}
+
+
+@pytest.mark.parametrize("family", FAMILY_GROUPS)
+def test_groups_come_from_the_computation_and_smoothing_keeps_each_familys_function(family):
+    # Gemma's norms scale by 1 + weight, Gemma 2's MLP reads pre_feedforward_layernorm (post_attention_layernorm
+    # feeds the residual), OPT and GPT-2 have LayerNorm with a bias: name tables got these wrong before
     model = _family(family)
+    mlp_norm, offset, kinds = FAMILY_GROUPS[family]
+    groups = smoothing_groups(model)
+    assert tuple(dict.fromkeys(g.kind for g in groups)) == kinds
+    gate_up = next(g for g in groups if g.kind == "gate_up")
+    assert gate_up.producer == mlp_norm and gate_up.gain_offset == offset
     with torch.no_grad():
         before = model(IDS[:1]).logits
-        smooth_model(model, IDS, alpha=0.5, progress=False)
+        factors = smooth_model(model, IDS, alpha=0.5, progress=False)
+        assert max(f.max() / f.min() for f in factors.values()) > 2  # the scales really differ across channels
         torch.testing.assert_close(model(IDS[:1]).logits, before, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["Gemma", "Gemma2"])
-def test_smoothing_refuses_families_that_only_borrow_llamas_names(family):
-    # Gemma's RMSNorm scales by 1 + weight, and Gemma 2's MLP reads pre_feedforward_layernorm, not the norm named
-    # post_attention_layernorm: folding scales as for LLaMA changed its logits by 97% before this check
-    model = _family(family)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="smoothing"):
-        smooth_model(model, IDS, alpha=0.5, progress=False)
+def test_a_norm_of_another_form_is_refused_and_nothing_changes():
+    model = _family("Qwen2")
+    norm = model.model.layers[1].post_attention_layernorm
+    norm.forward = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight ** 2
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"post_attention_layernorm \(Qwen2RMSNorm\) does not compute"):
+        smooth_model(model, IDS, progress=False)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_block_that_breaks_the_folding_is_found_on_the_probe_and_rolled_back():
+    # up_proj's output goes through tanh before the product: scaling up's rows no longer passes to down exactly
+    model = _family("Mistral")
+    mlp = model.model.layers[1].mlp
+    mlp.forward = lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * torch.tanh(mlp.up_proj(x)))
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"smoothing changed MistralForCausalLM's logits by .* left unchanged"):
+        smooth_model(model, IDS, progress=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(type(m) is nn.Linear for m in mlp.children() if m is not mlp.act_fn)
