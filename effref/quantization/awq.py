@@ -45,6 +45,7 @@ def awq_scales(abs_mean: torch.Tensor, alpha: float) -> torch.Tensor:
     """s = s_x^α normalised so that max(s)·min(s) = 1 (the paper's reference code), rounded to fp16."""
     s = abs_mean.float().clamp(min=1e-5).pow(alpha)  # (C,)
     s = s / (s.max() * s.min()).sqrt()
+    s = s.clamp(2.0 ** -14, 65504.0)  # inside fp16's normal range: any s > 0 keeps the function, inf / 0 do not
     return s.half().float()  # the stored value, so quantization sees exactly what the layer will use
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "STATS",
     "LayerFn",
     "LayerInputs",
+    "check_layer_function",
     "collect_statistics",
     "default_target",
     "find_blocks",
@@ -99,6 +100,21 @@ def group_check(quant: QuantConfig) -> Callable[[str, nn.Linear], None]:
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
     return check
+
+
+def check_layer_function(w: torch.Tensor, w_new: torch.Tensor, what: str, hessian: torch.Tensor | None = None,
+                         tolerance: float = 1e-6) -> None:
+    """Refuse a rewrite of a layer's weight that should compute the same function but does not.
+
+    The error is relative: tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), i.e. ||X ΔWᵀ||² / ||X Wᵀ||² on calibration inputs with
+    H = XᵀX / n; with ``hessian=None``, ||ΔW||² / ||W||², which bounds the output change for every input.
+    """
+    w, delta = w.detach().double(), w_new.detach().double() - w.detach().double()
+    h = torch.eye(w.shape[1], dtype=torch.float64, device=w.device) if hessian is None else hessian.double()
+    change = ((delta @ h * delta).sum() / (w @ h * w).sum().clamp(min=1e-30)).item()
+    if not change <= tolerance:  # also catches NaN
+        raise ValueError(f"{what} changed the layer's function by {change:.2e} (relative squared error, "
+                         f"allowed {tolerance:.0e}) before rounding; refused before anything changed")
 
 
 def collect_statistics(model: nn.Module, calib_batches: torch.Tensor,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effref.quantization.basics import QTensor, pack, unpack
-from effref.quantization.rotations import hadamard_factors, kron_right
+from effref.quantization.rotations import hadamard_factors, unrotate_weight
 
 _DTYPES = {str(d): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
                                torch.int8, torch.int16, torch.int32, torch.int64)}
@@ -156,11 +156,7 @@ class QuantLinear(nn.Module):
             w[:, self.outlier_cols.long()] = self.outlier_weight.float()
         if hasattr(self, "input_scale"):
             w = w / self.input_scale.float()  # Q(W diag(s)) diag(1/s)
-        if (rot := self._rotation("rot_in")) is not None:
-            w = kron_right(w, rot[0]) * rot[1].to(w)  # Ŵ' V with V = (⊗F)·diag(signs)
-        if (rot := self._rotation("rot_out")) is not None:
-            w = (kron_right(w.T, rot[0]) * rot[1].float()).T  # Uᵀ Ŵ'
-        return w
+        return unrotate_weight(w, self._rotation("rot_in"), self._rotation("rot_out"))  # Uᵀ Ŵ' V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = getattr(self, "bias", None)

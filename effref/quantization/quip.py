@@ -7,7 +7,9 @@ Implements: with orthogonal U (d_out × d_out) and V (d_in × d_in), the layer l
     W̃ = U W Vᵀ,   H̃ = V H Vᵀ,   tr((W̃ − Ŵ̃) H̃ (W̃ − Ŵ̃)ᵀ) = tr((W − Uᵀ Ŵ̃ V) H (W − Uᵀ Ŵ̃ V)ᵀ),
 and y = W x = Uᵀ W̃ V x exactly (function-preserving before rounding). Random U, V spread every large
 weight and every large Hessian direction over all coordinates ("incoherence"), so a uniform grid fits
-W̃ far better than W; W̃ is rounded with GPTQ on H̃ and the layer computes with Uᵀ Ŵ̃ V.
+W̃ far better than W; W̃ is rounded with GPTQ on H̃ and the layer computes with Uᵀ Ŵ̃ V. The rotations live
+inside the layer (no other module changes, so any family works); before rounding, Uᵀ W̃ V is checked to give
+back W on every layer before the first one changes.
 Rotations are Kronecker products R = (F₀ ⊗ F₁ ⊗ …)·diag(±1), applied in O(n·Σ dim Fᵢ) without forming R:
   "orthogonal": two Haar-random orthogonal factors of sizes p·q = n (p, q near √n), as in QuIP;
   "hadamard":   normalised Hadamard factors (Sylvester 2^k and Paley's order 12) with random signs, for
@@ -19,16 +21,17 @@ Left out: QuIP's diagonal rescaling and its greedy-update refinement, QuIP#'s la
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from effref.checks import calibration_or_none, config_or_default
-from effref.quantization.driver import LayerInputs, group_check, quantize_model
+from effref.quantization.driver import LayerInputs, check_layer_function, group_check, quantize_model
 from effref.quantization.gptq import GPTQConfig, gptq_quantize
 from effref.quantization.linear import QuantLinear
-from effref.quantization.rotations import hadamard_factors, kron_right
+from effref.quantization.rotations import hadamard_factors, kron_right, unrotate_weight
 
 ROTATIONS = ("orthogonal", "hadamard")
 Rotation = tuple[list[torch.Tensor], torch.Tensor]  # (Kronecker factors, signs): R = (⊗F)·diag(signs)
@@ -78,12 +81,30 @@ def incoherence_process(w: torch.Tensor, hessian: torch.Tensor, rot_out: Rotatio
     return w_t, (h_t + h_t.T) / 2  # symmetric up to rounding
 
 
+def layer_rotations(shape: tuple[int, int], cfg: QuIPConfig) -> tuple[Rotation, Rotation]:
+    """(U, V) for a weight of ``shape`` (R, C): the same draw for the same seed, so a check sees what is used."""
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return random_rotation(shape[0], cfg.rotation, generator), random_rotation(shape[1], cfg.rotation, generator)
+
+
+def rotation_check(cfg: QuIPConfig) -> Callable[[str, nn.Linear], None]:
+    """A ``check`` for the walk, run on every layer before any changes: the group size fits, a rotation of
+    each side exists, and Uᵀ (U W Vᵀ) V gives back W (so the rotated layer computes the same function)."""
+    groups = group_check(cfg.gptq.quant)
+
+    def check(name: str, linear: nn.Linear) -> None:
+        groups(name, linear)
+        rot_out, rot_in = layer_rotations(tuple(linear.weight.shape), cfg)
+        w = linear.weight.detach().float()
+        w_t = rotate(rotate(w, rot_in).T, rot_out).T  # U W Vᵀ
+        check_layer_function(w, unrotate_weight(w_t, rot_in, rot_out), f"{name}: QuIP's rotations")
+    return check
+
+
 def quip_quantize(w: torch.Tensor, hessian: torch.Tensor, cfg: QuIPConfig | None = None) -> dict:
     """Rotate, round with GPTQ on H̃, and return ``{"qtensor", "rot_in", "rot_out", "loss"}`` for W (R, C)."""
     cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
-    generator = torch.Generator().manual_seed(cfg.seed)
-    rot_out = random_rotation(w.shape[0], cfg.rotation, generator)
-    rot_in = random_rotation(w.shape[1], cfg.rotation, generator)
+    rot_out, rot_in = layer_rotations(tuple(w.shape), cfg)
     w_t, h_t = incoherence_process(w.detach(), hessian, rot_out, rot_in)
     out = gptq_quantize(w_t, h_t, cfg.gptq)
     if cfg.rotation == "hadamard":  # QuantLinear rebuilds Hadamard factors: store the signs only
@@ -110,4 +131,4 @@ def quip_model(model: nn.Module, calib_batches: torch.Tensor, cfg: QuIPConfig | 
     calib_batches = calibration_or_none(calib_batches, "quip_model")
     cfg = config_or_default(cfg, QuIPConfig, "QuIPConfig(GPTQConfig(QuantConfig(bits=2)))")
     return quantize_model(model, lambda name, linear, stats: quip_layer(linear, stats, cfg), calib_batches,
-                          needs=("hessian",), desc="QuIP", check=group_check(cfg.gptq.quant), **driver)
+                          needs=("hessian",), desc="QuIP", check=rotation_check(cfg), **driver)

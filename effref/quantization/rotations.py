@@ -51,3 +51,14 @@ def hadamard_factors(n: int) -> list[torch.Tensor]:
             h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
         factors.append(h)
     return [f / math.sqrt(f.shape[0]) for f in factors]
+
+
+def unrotate_weight(w: torch.Tensor, rot_in: tuple[list[torch.Tensor], torch.Tensor] | None,
+                    rot_out: tuple[list[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Uᵀ W̃ V for a rotated weight W̃ (R, C), with V = (⊗F)·diag(signs) from ``rot_in`` and U from ``rot_out``
+    (either may be None): the weight a rotated layer really computes with (QuIP's inverse of U W Vᵀ)."""
+    if rot_in is not None:
+        w = kron_right(w, rot_in[0]) * rot_in[1].to(w)  # W̃ V
+    if rot_out is not None:
+        w = (kron_right(w.T, rot_out[0]) * rot_out[1].to(w)).T  # Uᵀ W̃ V
+    return w

@@ -75,3 +75,12 @@ def _linear(w):
 def test_bad_arguments_fail_with_clear_messages(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_scales_stay_inside_fp16_so_extreme_activations_keep_the_function():
+    # mean |x| spanning 10 decades: s = s_x / sqrt(max · min) reached 1e5, stored as fp16 inf (Ŵ = NaN) before
+    abs_mean = torch.logspace(-5, 5, 64)
+    s = awq_scales(abs_mean, alpha=1.0)
+    assert s.isfinite().all() and (s > 0).all()
+    w = torch.randn(8, 64)
+    torch.testing.assert_close((w * s) / s, w)

@@ -97,3 +97,21 @@ def test_quip_beats_gptq_on_weights_with_outliers(bits):
 def test_bad_arguments_fail_with_clear_messages(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_the_model_level_call_checks_every_rotation_before_changing_anything(monkeypatch):
+    import copy
+
+    import effref.quantization.quip as quip
+    from effref.models import load_model
+
+    model = load_model("tiny-llama").model
+    calib = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    state = copy.deepcopy(model.state_dict())
+    # a layer that would forget to undo V (computing with Uᵀ W̃ instead of Uᵀ W̃ V): caught before any change
+    undo = quip.unrotate_weight
+    monkeypatch.setattr(quip, "unrotate_weight", lambda w, rot_in, rot_out: undo(w, None, rot_out))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj: QuIP's rotations changed the layer"):
+        quip.quip_model(model, calib, QuIPConfig(GPTQConfig(QuantConfig(2, group_size=32))), progress=False)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert not any(type(m).__name__ == "QuantLinear" for m in model.modules())
