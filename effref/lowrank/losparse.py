@@ -30,9 +30,10 @@ STRUCTURES = ("element", "column")
 
 
 class LoSparseLinear(nn.Module):
-    """y = B A x + S x with S sparse: per-entry (values + flat indices) or per-column (dense kept columns)."""
+    """y = B A x + S x (+ bias) with S sparse: per-entry (values + flat indices) or per-column (kept columns)."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, n_sparse: int, structure: str = "element"):
+    def __init__(self, in_features: int, out_features: int, rank: int, n_sparse: int, structure: str = "element",
+                 bias: bool = False):
         super().__init__()
         if structure not in STRUCTURES:
             raise ValueError(f"structure={structure!r} is not known; use one of {STRUCTURES}")
@@ -40,7 +41,7 @@ class LoSparseLinear(nn.Module):
         if not 0 <= n_sparse <= limit:
             raise ValueError(f"n_sparse={n_sparse} must be in [0, {limit}] for structure={structure!r}")
         self.in_features, self.out_features, self.structure = in_features, out_features, structure
-        self.low_rank = LowRankLinear(in_features, out_features, rank)
+        self.low_rank = LowRankLinear(in_features, out_features, rank, bias)  # the bias rides on B
         index_dtype = torch.int32 if in_features * out_features < 2**31 else torch.int64
         if structure == "element":
             self.values = nn.Parameter(torch.zeros(n_sparse))  # nonzero entries of S
@@ -71,11 +72,11 @@ class LoSparseLinear(nn.Module):
 
     def spec(self) -> dict:
         return {"in": self.in_features, "out": self.out_features, "rank": self.low_rank.rank,
-                "n_sparse": self.index.numel(), "structure": self.structure}
+                "n_sparse": self.index.numel(), "structure": self.structure, "bias": self.low_rank.up.bias is not None}
 
     @classmethod
     def from_spec(cls, spec: dict) -> LoSparseLinear:
-        return cls(spec["in"], spec["out"], spec["rank"], spec["n_sparse"], spec["structure"])
+        return cls(spec["in"], spec["out"], spec["rank"], spec["n_sparse"], spec["structure"], spec.get("bias", False))
 
 
 def losparse_factorize(linear: nn.Linear, rank: int, sparse_fraction: float, structure: str = "element",
@@ -86,8 +87,6 @@ def losparse_factorize(linear: nn.Linear, rank: int, sparse_fraction: float, str
     ``factors``: a previous plain ``svd_factors(W)`` to reuse."""
     if not 0 <= sparse_fraction <= 1:
         raise ValueError(f"sparse_fraction={sparse_fraction} must be in [0, 1] (share of the residual kept)")
-    if linear.bias is not None:
-        raise ValueError("LoSparse here expects bias-free linears (LLaMA); fold the bias elsewhere first")
     W = linear.weight.detach()
     B, A, _ = truncated_svd(W, rank, factors=factors)
     R = W - B @ A  # (out, in) residual
@@ -101,10 +100,13 @@ def losparse_factorize(linear: nn.Linear, rank: int, sparse_fraction: float, str
         k = round(sparse_fraction * R.shape[1])
         keep = (R.norm(dim=0) * x_norm).topk(k).indices.sort().values  # column indices
         values = R[:, keep]  # (out, k)
-    new = LoSparseLinear(W.shape[1], W.shape[0], rank, k, structure).to(device=W.device, dtype=W.dtype)
+    new = LoSparseLinear(W.shape[1], W.shape[0], rank, k, structure, linear.bias is not None).to(
+        device=W.device, dtype=W.dtype)
     with torch.no_grad():
         new.low_rank.down.weight.copy_(A)
         new.low_rank.up.weight.copy_(B)
+        if linear.bias is not None:
+            new.low_rank.up.bias.copy_(linear.bias)
         new.values.copy_(values)
         new.index.copy_(keep.to(new.index.dtype))
     return new

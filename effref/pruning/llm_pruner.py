@@ -84,11 +84,15 @@ class Parts:
 def block_parts(block: nn.Module) -> Parts:
     """The attention and MLP linears of a transformers ``LlamaDecoderLayer`` or an effref ``Block``."""
     attn, mlp = getattr(block, "self_attn", None) or getattr(block, "attn", None), getattr(block, "mlp", None)
-    if attn is None or mlp is None:
-        raise TypeError(f"{type(block).__name__} is not a LLaMA block (needs self_attn/attn and mlp)")
     mlp_names = ({"gate": "gate_proj", "up": "up_proj", "down": "down_proj"} if hasattr(mlp, "gate_proj")
                  else {"gate": "gate", "up": "up", "down": "down"})
     names = {r: f"{r}_proj" for r in "qkvo"} | mlp_names
+    missing = [n for r, n in names.items() if not isinstance(getattr(attn if r in "qkvo" else mlp, n, None), nn.Linear)]
+    if attn is None or mlp is None or missing:
+        raise ValueError(f"{type(block).__name__} is not a LLaMA-shaped block (LLM-Pruner's coupled structures "
+                         f"here are q/k/v/o heads and a gate/up/down MLP; missing: "
+                         f"{'self_attn / mlp' if attn is None or mlp is None else missing}); use a LLaMA, Mistral, "
+                         "Qwen2 or Gemma model, or an unstructured pruner (wanda_prune_model works on every family)")
     d_head = getattr(attn, "head_dim", None) or attn.d_head
     return Parts(attn, mlp, names, d_head)
 
@@ -120,13 +124,13 @@ def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units[:, None] * size + torch.arange(size, device=units.device)).reshape(-1)
 
 
-def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
-    """Remove the least important heads and MLP channels of one block (gradients must be present).
+def plan_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
+    """Which heads and MLP channels of one block to keep (gradients must be present); changes nothing.
 
-    Returns the new counts (heads, kv_heads, d_ff) and the kept indices (``kept_heads``, ``kept_kv``,
-    ``kept_channels``, in the block's original numbering) of what was pruned.
+    Returns the kept indices (``kept_heads``, ``kept_kv``, ``kept_channels``, in the block's original numbering)
+    of what is pruned, and ``kv_heads``, the key/value head count after pruning.
     """
-    info: dict = {}
+    plan: dict = {}
     p = block_parts(block)
     dh, n_heads, n_kv = p.d_head, p.n_heads, p.n_kv
     gs = n_heads // n_kv
@@ -148,6 +152,20 @@ def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
                 + unit_scores(p.get("v"), 0, dh, cfg.importance)  # (n_kv,)
             kv_keep = group.topk(n_kv - drop).indices.sort().values
             heads = _rows(kv_keep, gs)
+        plan |= {"kept_heads": heads.tolist(), "kept_kv": kv_keep.tolist()}
+    if cfg.prune_mlp:
+        channel = sum(unit_scores(p.get(r), d, 1, cfg.importance) for r, d in (("gate", 0), ("up", 0), ("down", 1)))
+        d_ff = channel.numel()
+        plan["kept_channels"] = channel.topk(d_ff - min(round(cfg.ratio * d_ff), d_ff - 1)).indices.sort().values.tolist()
+    return plan | {"kv_heads": len(plan.get("kept_kv", range(n_kv)))}
+
+
+def apply_plan(block: nn.Module, plan: dict) -> dict:
+    """Slice one block to the kept heads and channels of ``plan``; return its new counts and the plan."""
+    p = block_parts(block)
+    dh = p.d_head
+    if "kept_heads" in plan:
+        heads, kv_keep = torch.tensor(plan["kept_heads"]), torch.tensor(plan["kept_kv"])
         p.set("q", _sliced(p.get("q"), _rows(heads, dh), 0))
         p.set("o", _sliced(p.get("o"), _rows(heads, dh), 1))
         p.set("k", _sliced(p.get("k"), _rows(kv_keep, dh), 0))
@@ -156,15 +174,20 @@ def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
             p.attn.num_key_value_groups = len(heads) // len(kv_keep)
         if hasattr(p.attn, "n_kv_heads"):  # effref.models.llama.Attention
             p.attn.n_heads, p.attn.n_kv_heads = len(heads), len(kv_keep)
-        info |= {"kept_heads": heads.tolist(), "kept_kv": kv_keep.tolist()}
-    if cfg.prune_mlp:
-        channel = sum(unit_scores(p.get(r), d, 1, cfg.importance) for r, d in (("gate", 0), ("up", 0), ("down", 1)))
-        d_ff = channel.numel()
-        keep = channel.topk(d_ff - min(round(cfg.ratio * d_ff), d_ff - 1)).indices.sort().values
+    if "kept_channels" in plan:
+        keep = torch.tensor(plan["kept_channels"])
         for role, dim in (("gate", 0), ("up", 0), ("down", 1)):
             p.set(role, _sliced(p.get(role), keep, dim))
-        info["kept_channels"] = keep.tolist()
-    return block_shape(p) | info
+    return block_shape(p) | {k: v for k, v in plan.items() if k.startswith("kept_")}
+
+
+def prune_block(block: nn.Module, cfg: LLMPrunerConfig) -> dict:
+    """Remove the least important heads and MLP channels of one block (gradients must be present).
+
+    Returns the new counts (heads, kv_heads, d_ff) and the kept indices (``kept_heads``, ``kept_kv``,
+    ``kept_channels``, in the block's original numbering) of what was pruned.
+    """
+    return apply_plan(block, plan_block(block, cfg))
 
 
 def block_shape(p: Parts) -> dict[str, int]:
@@ -197,28 +220,39 @@ def llm_prune(model: nn.Module, batches: torch.Tensor | None, cfg: LLMPrunerConf
     ``taylor_gradients`` on an identical model (to prune copies of one dense model at several ratios).
     """
     cfg = config_or_default(cfg, LLMPrunerConfig, "LLMPrunerConfig(ratio=0.3)")
-    _, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model)
     last = len(blocks) if cfg.last is None else cfg.last
     if not 0 <= cfg.first < last <= len(blocks):
         raise ValueError(f"first={cfg.first}, last={cfg.last} must satisfy 0 <= first < last <= {len(blocks)}")
-    if gradients is not None:
-        for name, p in model.named_parameters():
-            p.grad = gradients.get(name)
-    elif batches is not None:
-        taylor_gradients(model, batches, batch_size, progress)
-    else:
-        raise ValueError("pass batches=(n, T) token ids or gradients=taylor_gradients(dense_model, batches)")
-    with torch.no_grad():
-        shapes = [prune_block(b, cfg) if cfg.first <= i < last else block_shape(block_parts(b))
-                  for i, b in enumerate(blocks)]
-    model.zero_grad(set_to_none=True)
+    chosen = range(cfg.first, last)
+    for i in chosen:  # every pruned block is a LLaMA block with finite weights, before any work
+        parts = block_parts(blocks[i])
+        names = {id(m): n for n, m in blocks[i].named_modules()}
+        for role in parts.names:
+            if not parts.get(role).weight.isfinite().all():
+                raise ValueError(f"{prefix}.{i}.{names[id(parts.get(role))]} has NaN or inf weights; LLM-Pruner's "
+                                 "importance would be meaningless — fix or reload the checkpoint")
+    try:
+        if gradients is not None:
+            for name, p in model.named_parameters():
+                p.grad = gradients.get(name)
+        elif batches is not None:
+            taylor_gradients(model, batches, batch_size, progress)
+        else:
+            raise ValueError("pass batches=(n, T) token ids or gradients=taylor_gradients(dense_model, batches)")
+        with torch.no_grad():
+            plans = {i: plan_block(blocks[i], cfg) for i in chosen}  # all decided before the first block changes
+    finally:
+        model.zero_grad(set_to_none=True)
     if hasattr(model, "cfg"):  # our Llama preallocates one KV-cache shape for every layer
-        kv = {s["kv_heads"] for s in shapes}
+        kv = {plans[i]["kv_heads"] if i in plans else block_parts(b).n_kv for i, b in enumerate(blocks)}
         if len(kv) > 1:
-            raise ValueError(f"heads='group' left blocks with different key/value head counts {sorted(kv)}; our "
-                             "Llama's KV cache needs one count: prune every block (first=0, last=None) or use "
+            raise ValueError(f"heads='group' would leave blocks with different key/value head counts {sorted(kv)}; "
+                             "our Llama's KV cache needs one count: prune every block (first=0, last=None) or use "
                              "heads='query'")
         model.cfg.n_kv_heads = kv.pop()
+    with torch.no_grad():
+        shapes = [apply_plan(b, plans[i]) if i in plans else block_shape(block_parts(b)) for i, b in enumerate(blocks)]
     return shapes
 
 
