@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
@@ -207,7 +208,8 @@ def _bad_forward(model: Llama, case: str) -> None:
     ("generate-too-long", r"max_new_tokens=7 tokens exceed max_seq_len=96"),
     ("negative-temperature", r"temperature=-1.0"),
     ("top-k-0", r"top_k=0"),
-    ("not-a-hf-llama", r"must be a transformers causal LM of LLaMA's shape \(llama, mistral\), got Linear"),
+    ("not-a-hf-llama", r"must be a transformers causal LM of LLaMA's shape \(llama, mistral, qwen2, gemma\), "
+                       r"got Linear"),
     ("truncate-beyond", r"length=4 must lie in \[0, 3\]"),
 ])
 def test_bad_inputs_raise_with_the_fix(case: str, match: str) -> None:
@@ -220,6 +222,10 @@ def test_bad_inputs_raise_with_the_fix(case: str, match: str) -> None:
     ({"d_model": 64, "n_heads": 5}, r"d_model=64 is not divisible by n_heads=5"),
     ({"d_model": 64, "n_heads": 4, "n_kv_heads": 3}, r"n_heads=4 is not divisible by n_kv_heads=3"),
     ({"d_model": 12, "n_heads": 4, "n_kv_heads": 4}, r"d_head=3 .* is odd"),
+    ({"d_model": 64, "n_heads": 4, "head_dim": 7}, r"d_head=7 .* is odd"),
+    ({"head_dim": 0}, r"head_dim=0 must be a positive integer"),
+    ({"activation": "relu"}, r"activation='relu' is not known; use one of \['gelu_pytorch_tanh', 'silu'\]"),
+    ({"embed_scale": 0.0}, r"embed_scale=0.0 must be positive"),
     ({"n_layers": 0}, r"n_layers=0 must be a positive integer"),
 ])
 def test_bad_config_raises(kwargs: dict, match: str) -> None:
@@ -233,8 +239,9 @@ def test_bad_config_raises(kwargs: dict, match: str) -> None:
      r"'linear' is not supported"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, r"'llama3'"),
-    ({"attention_bias": True}, r"attention_bias=True is not supported"),
-    ({"head_dim": 32}, r"head_dim=32 differs from hidden_size"),
+    ({"attention_bias": True}, r"attention_bias=True is not supported: biases on q, k, v and o"),
+    ({"mlp_bias": True}, r"mlp_bias=True is not supported: biases in the MLP"),
+    ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported; the gated MLP implements"),
 ])
 def test_unsupported_hf_configs_raise(overrides: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -319,10 +326,123 @@ def test_mistral_converts_with_its_window_as_the_length_limit():
             ours(ids(1, 17))
 
 
-def test_families_of_another_shape_are_refused_by_name():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+# --- the other LLaMA-shaped families, and the ones from_hf refuses ----------------------------------------
 
-    qwen = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match=r"LLaMA's shape \(llama, mistral\), got Qwen2ForCausalLM.*Qwen2's q/k/v biases"):
-        Llama.from_hf(qwen)
+def hf_family(family: str, seed: int, **overrides) -> transformers.PreTrainedModel:
+    """A tiny random Qwen2 / Gemma / LLaMA whose biases and norm gains are random too (transformers sets them to
+    0 and 1, which would hide a missing bias or an unfolded (1 + w)), with peaked next-token distributions."""
+    make = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM)}[family]
+    config = {**{k: v for k, v in TINY.items() if k != "rope_parameters"}, "initializer_range": 0.2, **overrides}
+    torch.manual_seed(seed)
+    model = make[1](make[0](**config)).eval()
+    model.generation_config.eos_token_id = None  # never stop early: compare every token
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):  # LLaMA/Qwen2 scale by w (around 1), Gemma by 1 + w (w around 0)
+                p.uniform_(-0.5, 0.5).add_(0.0 if family == "gemma" else 1.0)
+            elif name.endswith("bias"):
+                p.normal_(std=0.5)
+    return model
+
+
+FAMILY_CASES = [  # (family, config overrides): GQA everywhere, Gemma also with head_dim != hidden / heads
+    ("qwen2", {}),
+    ("qwen2", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    ("gemma", {"head_dim": 16}),
+    ("gemma", {"head_dim": 32}),  # q_proj 64 -> 128: d_head decoupled from d_model / n_heads
+    ("llama", {"head_dim": 8}),  # transformers' LLaMA has head_dim too
+]
+CASE_IDS = ["qwen2-gqa", "qwen2-mqa-tied", "gemma-gqa", "gemma-head_dim32", "llama-head_dim8"]
+
+
+@pytest.mark.parametrize("family, overrides", FAMILY_CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_family_logits_match_transformers(family: str, overrides: dict, seed: int) -> None:
+    hf = hf_family(family, seed, **overrides)
+    ours = Llama.from_hf(hf)
+    head_dim = overrides.get("head_dim", 16)
+    assert (ours.cfg.d_head, ours.cfg.qkv_bias) == (head_dim, family == "qwen2")
+    assert ours.blocks[0].attn.q_proj.weight.shape == (4 * head_dim, 64)
+    assert ours.num_parameters() == hf.num_parameters()
+    x = ids(2, 40, seed=seed + 10)
+    with torch.no_grad():
+        expected = hf(x).logits
+        got = ours(x)
+    assert expected.std() > 1.0  # peaked enough that the comparisons below mean something
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family, overrides", FAMILY_CASES, ids=CASE_IDS)
+def test_family_greedy_generation_with_our_cache_matches_transformers(family: str, overrides: dict) -> None:
+    hf = hf_family(family, seed=3, **overrides)
+    ours = Llama.from_hf(hf)
+    prompt = ids(2, 6, seed=4)
+    expected = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False)
+    assert torch.equal(ours.generate(prompt, max_new_tokens=20), expected)
+    assert len(set(expected[:, 6:].flatten().tolist())) > 3  # not one token repeated
+
+
+def test_gemma_folds_its_norm_gain_and_scales_embeddings_like_transformers() -> None:
+    hf = hf_family("gemma", seed=0, head_dim=16)
+    ours = Llama.from_hf(hf)
+    torch.testing.assert_close(ours.norm.weight, 1 + hf.model.norm.weight, rtol=0, atol=0)  # g = 1 + w
+    assert ours.lm_head.weight is ours.embed.weight and ours.cfg.activation == "gelu_pytorch_tanh"
+    # the scale is rounded to the model dtype first: in bf16 sqrt(48) = 6.93 becomes 6.9375
+    hf48 = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=32, hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12)).to(torch.bfloat16)
+    x = ids(1, 10) % 32
+    with torch.no_grad():
+        assert torch.equal(Llama.from_hf(hf48).embed(x), hf48.model.embed_tokens(x))
+
+
+def test_qwen2_biases_load_and_its_sliding_window_caps_the_length() -> None:
+    hf = hf_family("qwen2", seed=0)
+    ours = Llama.from_hf(hf)
+    assert torch.equal(ours.blocks[1].attn.k_proj.bias, hf.model.layers[1].self_attn.k_proj.bias)
+    assert ours.blocks[0].attn.o_proj.bias is None and ours.cfg.max_seq_len == 96
+    windowed = hf_family("qwen2", seed=0, use_sliding_window=True, sliding_window=32, max_window_layers=1)
+    assert Llama.from_hf(windowed).cfg.max_seq_len == 32  # exact up to the window, like Mistral
+
+
+def _refused(family: str) -> transformers.PreTrainedModel:
+    from tiny_families import FAMILIES
+
+    if family == "gemma2":
+        return transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8))
+    if family == "gemma3":
+        return transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8))
+    if family == "qwen3":
+        return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8))
+    return FAMILIES[family]()
+
+
+@pytest.mark.parametrize("family, match", [
+    ("opt", r"OPTForCausalLM \(model_type 'opt'\) is not LLaMA-shaped: learned absolute position embeddings "
+            r"instead of RoPE, LayerNorm with bias .* ReLU MLP"),
+    ("gpt2", r"GPT2LMHeadModel \(model_type 'gpt2'\) is not LLaMA-shaped: learned absolute position embeddings"
+             r" .* fused q/k/v projection \(c_attn\)"),
+    ("gemma2", r"Gemma2ForCausalLM \(model_type 'gemma2'\) is not LLaMA-shaped: tanh soft-capping .* "
+               r"alternating sliding-window and global attention, extra norms"),
+    ("gemma3", r"Gemma3ForCausalLM \(model_type 'gemma3_text'\) is not LLaMA-shaped: tanh soft-capping .* "
+               r"RMSNorm on queries and keys"),
+    ("qwen3", r"Qwen3ForCausalLM \(model_type 'qwen3'\) is not a family Llama.from_hf knows"),
+])
+def test_families_of_another_shape_are_refused_by_name(family: str, match: str) -> None:
+    model = _refused(family)
+    with pytest.raises(ValueError, match=match) as refused:
+        Llama.from_hf(model)
+    assert ("Llama.from_hf converts llama, mistral, qwen2, gemma only" in str(refused.value)) == (family != "qwen3")
+    assert "use a LLaMA-shaped model such as SmolLM2, Llama, Mistral, Qwen2 or Gemma" in str(refused.value)
+    config = model.config  # reading the config alone refuses it the same way
+    with pytest.raises(ValueError, match=rf"{type(config).__name__} \(model_type '{config.model_type}'\) is not"):
+        LlamaConfig.from_hf(config)

@@ -3,15 +3,16 @@
 Paper: Liu, Wang, Dao, Zhou, Yuan, Song, Shrivastava, Zhang, Tian, Ré, Chen (2023), "Deja Vu: Contextual
 Sparsity for Efficient LLMs at Inference Time", arXiv:2310.17157 — §3 (contextual sparsity of heads and
 neurons), §4.2 (learned sparsity predictors, the sparsified MLP and attention blocks).
-Implements: for a SwiGLU MLP  y = Σ_i a_i(x) · W_down[:, i],  a(x) = silu(W_gate x) ⊙ (W_up x),  the importance
-of neuron i for token x is the norm of its contribution,  c_i(x) = |a_i(x)| · ‖W_down[:, i]‖,  and the
-sparsified MLP computes only the k neurons in a selected set S(x):
+Implements: for a gated MLP  y = Σ_i a_i(x) · W_down[:, i],  a(x) = act(W_gate x) ⊙ (W_up x)  (act: silu for
+SwiGLU, tanh-gelu for Gemma's GeGLU),  the importance of neuron i for token x is the norm of its contribution,
+  c_i(x) = |a_i(x)| · ‖W_down[:, i]‖,
+and the sparsified MLP computes only the k neurons in a selected set S(x):
   y_S = Σ_{i ∈ S(x)} a_i(x) · W_down[:, i]      (k rows of W_gate and W_up, k columns of W_down).
 S(x) is the top k of a low-rank predictor's scores, of the true importances (the oracle) or a random set
 (``dejavu_predictor``); attention heads are the same story with head importances (``dejavu_heads``). This
 module holds the MLP part and the model level for both: collect a block part's inputs in one forward, fit one
 predictor per block, and swap in the sparse MLPs or attentions within ``sparsified(..., part=...)``. Deja Vu's
-ReLU models (OPT) have exact zeros; SwiGLU has none, so here "sparse" means "small contribution".
+ReLU models (OPT) have exact zeros; SwiGLU and GeGLU have none, so here "sparse" means "small contribution".
 Glossary: d ``d_model`` · d_ff intermediate neurons · a neuron activations · c importance · k = round(keep · n)
           units (neurons or heads) computed per token · S(x) the kept set.
 Left out: the fused gather kernels that turn the FLOP saving into wall-clock time. The model-level evaluation
@@ -24,7 +25,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 
 from effref.inference.dejavu_heads import SparseAttention, head_importance
 from effref.inference.dejavu_predictor import (
@@ -42,8 +42,8 @@ PARTS = ("mlp", "attn")
 
 
 def neuron_activations(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
-    """a(x) = silu(W_gate x) ⊙ W_up x for x (..., d): (..., d_ff)."""
-    return F.silu(mlp.gate(x)) * mlp.up(x)
+    """a(x) = act(W_gate x) ⊙ W_up x for x (..., d): (..., d_ff)."""
+    return mlp.act(mlp.gate(x)) * mlp.up(x)
 
 
 def neuron_importance(mlp: MLP, x: torch.Tensor) -> torch.Tensor:
@@ -58,7 +58,7 @@ def sparse_mlp(mlp: MLP, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x {tuple(x.shape)} must be (N, d) and idx {tuple(idx.shape)} (N, k)")
     gate_rows, up_rows = mlp.gate.weight[idx], mlp.up.weight[idx]  # (N, k, d) each
     down_cols = mlp.down.weight.T[idx]  # (N, k, d)
-    a = F.silu(torch.einsum("nkd,nd->nk", gate_rows, x)) * torch.einsum("nkd,nd->nk", up_rows, x)  # (N, k)
+    a = mlp.act(torch.einsum("nkd,nd->nk", gate_rows, x)) * torch.einsum("nkd,nd->nk", up_rows, x)  # (N, k)
     return torch.einsum("nk,nkd->nd", a, down_cols)  # (N, d)
 
 

@@ -27,6 +27,13 @@ from effref.inference.dejavu_predictor import SparsePart, SparsityPredictor, pre
 from effref.models.llama import Attention, KVCache, apply_rope
 
 
+def _project_heads(proj: torch.nn.Linear, x: torch.Tensor, idx: torch.Tensor, d_head: int) -> torch.Tensor:
+    """proj(x) for heads ``idx`` only: their d_head rows of the weight and of the bias, if any (Qwen2)."""
+    weight = proj.weight.unflatten(0, (-1, d_head))[idx].flatten(0, 1)  # (len(idx) · d_head, d)
+    bias = None if proj.bias is None else proj.bias.view(-1, d_head)[idx].flatten()  # (len(idx) · d_head,)
+    return F.linear(x, weight, bias)  # (B, T, len(idx) · d_head)
+
+
 def head_outputs(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                  heads: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention outputs y_h of query heads ``heads`` (default all) for x (B, T, d): (B, T, k, d_head).
@@ -40,9 +47,8 @@ def head_outputs(attn: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch
         q, k, v, kv_of_head = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), torch.arange(attn.n_heads, device=x.device) // groups
     else:
         kv, kv_of_head = torch.unique(heads // groups, return_inverse=True)  # needed kv heads; one per query head
-        rows = lambda proj, idx: proj.weight.unflatten(0, (-1, attn.d_head))[idx].flatten(0, 1)  # (len · d_head, d)
-        q, k, v = F.linear(x, rows(attn.q_proj, heads)), F.linear(x, rows(attn.k_proj, kv)), F.linear(x, rows(
-            attn.v_proj, kv))
+        q = _project_heads(attn.q_proj, x, heads, attn.d_head)  # (B, T, k · d_head)
+        k, v = (_project_heads(p, x, kv, attn.d_head) for p in (attn.k_proj, attn.v_proj))  # (B, T, g · d_head)
     q, k, v = (t.view(B, T, -1, attn.d_head).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d_head)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     k, v = k[:, kv_of_head], v[:, kv_of_head]  # (B, k, T, d_head): the kv head each kept query head reads

@@ -29,6 +29,8 @@ from dataclasses import astuple, dataclass, fields
 import numpy as np
 from scipy.optimize import linprog
 
+from effref.models.llama import LLAMA_SHAPED, LlamaConfig
+
 GB = 1e9
 FP16 = 2.0  # bytes per number
 Q4_G64 = 0.5 + 2 * FP16 / 64  # 4-bit codes + fp16 scale and minimum per group of 64 numbers
@@ -72,25 +74,39 @@ class ModelShape:
     n_heads: int
     n_kv_heads: int
     d_ff: int
-    mlp_mats: int = 2  # 2 for OPT's ReLU MLP (up, down), 3 for SwiGLU (gate, up, down)
+    mlp_mats: int = 2  # 2 for OPT's ReLU MLP (up, down), 3 for a gated one (gate, up, down)
+    d_head: int | None = None  # None: d_model / n_heads (Gemma decouples them)
 
     def __post_init__(self) -> None:
         for f in fields(self)[1:]:
-            if getattr(self, f.name) < 1:
+            if getattr(self, f.name) is not None and getattr(self, f.name) < 1:
                 raise ValueError(f"ModelShape.{f.name}={getattr(self, f.name)} must be a positive integer")
 
     @property
-    def kv_dim(self) -> int:  # keys (or values) per token and layer
-        return self.d_model // self.n_heads * self.n_kv_heads
+    def q_dim(self) -> int:  # queries (and attention outputs) per token and layer: n_heads · d_head
+        return self.d_model if self.d_head is None else self.n_heads * self.d_head
 
     @property
-    def layer_params(self) -> int:  # q, o: h1², k, v: h1 · kv_dim each, MLP: mlp_mats · h1 · h2
-        return 2 * self.d_model * (self.d_model + self.kv_dim) + self.mlp_mats * self.d_model * self.d_ff
+    def kv_dim(self) -> int:  # keys (or values) per token and layer
+        return (self.d_model // self.n_heads if self.d_head is None else self.d_head) * self.n_kv_heads
+
+    @property
+    def layer_params(self) -> int:  # q, o: h1 · q_dim, k, v: h1 · kv_dim each, MLP: mlp_mats · h1 · h2
+        return 2 * self.d_model * (self.q_dim + self.kv_dim) + self.mlp_mats * self.d_model * self.d_ff
 
     @classmethod
     def from_llama_config(cls, cfg, name: str = "llama") -> ModelShape:
-        """The shape of an ``effref.models.llama.LlamaConfig`` (SwiGLU, grouped-query attention)."""
-        return cls(name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, mlp_mats=3)
+        """The shape of an ``effref.models.llama.LlamaConfig`` (gated MLP, grouped-query attention, its d_head;
+        Qwen2's q/k/v biases, a few thousand numbers, are not counted)."""
+        if not isinstance(cfg, LlamaConfig):
+            family = getattr(cfg, "model_type", None)
+            raise TypeError(f"cfg must be effref's LlamaConfig, got {type(cfg).__name__}"
+                            f"{'' if family is None else f' (model_type {family!r})'}; for a transformers model "
+                            f"of a LLaMA-shaped family ({', '.join(LLAMA_SHAPED)}) pass Llama.from_hf(model).cfg; "
+                            "describe other shapes directly, e.g. OPT as ModelShape(name, n_layers, d_model, "
+                            "n_heads, n_heads, ffn_dim, mlp_mats=2) (flexgen.opt(size) for the paper's OPTs)")
+        return cls(name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, mlp_mats=3,
+                   d_head=cfg.head_dim)
 
 
 def opt(size: str) -> ModelShape:

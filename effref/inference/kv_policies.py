@@ -33,7 +33,7 @@ import math
 
 import torch
 
-from effref.models.llama import Attention, KVCache, Llama, apply_rope
+from effref.models.llama import Attention, KVCache, Llama, apply_rope, require_llama
 
 
 class EvictingCache(KVCache):
@@ -54,6 +54,7 @@ class EvictingCache(KVCache):
     @classmethod
     def for_model(cls, model: Llama, batch_size: int = 1, **policy) -> EvictingCache:
         """A cache shaped for ``model`` (and, if the policy reads attention, the query hooks installed)."""
+        require_llama(model, "model")
         if cls.needs_attention:
             install_query_hooks(model)
         w = model.embed.weight

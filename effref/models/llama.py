@@ -2,26 +2,35 @@
 
 Papers: Touvron et al. (2023), "LLaMA: Open and Efficient Foundation Language Models", arXiv:2302.13971
 (§2.2); Su et al. (2021), "RoFormer", arXiv:2104.09864 (RoPE, Eq. 34); Zhang & Sennrich (2019),
-arXiv:1910.07467 (RMSNorm, Eq. 4); Shazeer (2020), arXiv:2002.05202 (SwiGLU, FFN_SwiGLU in §2);
-Ainslie et al. (2023), arXiv:2305.13245 (grouped-query attention).
+arXiv:1910.07467 (RMSNorm, Eq. 4); Shazeer (2020), arXiv:2002.05202 (SwiGLU and GeGLU, FFN_SwiGLU in §2);
+Ainslie et al. (2023), arXiv:2305.13245 (grouped-query attention); Gemma Team (2024), arXiv:2403.08295 (§2.2).
 Implements: a pre-norm decoder  h = x + Attn(RMSNorm(x)),  out = h + MLP(RMSNorm(h)),  with
   RMSNorm(x) = g ⊙ x / sqrt(mean(x²) + ε),
   RoPE on queries and keys in the "rotate half" layout of Hugging Face LLaMA (so its weights load unpermuted),
   attention softmax(q kᵀ / sqrt(d_head) + causal mask) v with n_kv_heads ≤ n_heads (each group of
   n_heads / n_kv_heads query heads shares one key/value head),
-  SwiGLU MLP  down(silu(gate(x)) ⊙ up(x)),
-an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers'
-LlamaForCausalLM.
+  gated MLP  down(act(gate(x)) ⊙ up(x)),  act = silu (SwiGLU) or tanh-approximated gelu (GeGLU),
+an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers (``from_hf``).
+The families ``from_hf`` loads differ from LLaMA only by a few config fields:
+  Mistral  a sliding window (exact up to the window, which becomes max_seq_len);
+  Qwen2    biases on the q/k/v projections (``qkv_bias``);
+  Gemma    embeddings times sqrt(d_model) (``embed_scale``), GeGLU (``activation``), d_head decoupled from
+           d_model / n_heads (``head_dim``), tied embeddings, and RMSNorm gain (1 + w), folded into g = 1 + w
+           at load time (exact in fp32; in bf16 g is rounded to bf16 and multiplies the bf16-rounded x̂, where
+           transformers multiplies in fp32 and rounds once, so bf16 logits agree to rounding only).
+OPT, GPT-2 (learned positions, LayerNorm, ungated MLPs) and Gemma 2/3 (soft-capping, local/global layers,
+extra norms) are refused by name with what differs.
 Glossary: B batch · T new tokens in this call · S keys attended to (cached + new) · d_model hidden size
-          · n_heads / n_kv_heads query / key-value heads · d_head = d_model / n_heads · d_ff MLP width
-          · θ rope_theta · ε norm_eps · offset = cache.length, the position of the first new token.
+          · n_heads / n_kv_heads query / key-value heads · d_head = head_dim or d_model / n_heads · d_ff MLP
+          width · θ rope_theta · ε norm_eps · offset = cache.length, the position of the first new token.
 Left out: padding masks (batches hold equal-length prompts), RoPE scaling variants (linear, dynamic, YaRN,
-          llama3), biases in the projections, dropout, tensor parallelism; fused kernels live in kernels/.
+          llama3), biases on o_proj and on the MLP, sliding-window attention past the window, dropout, tensor
+          parallelism; fused kernels live in kernels/.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +41,11 @@ from torch import nn
 
 if TYPE_CHECKING:
     import transformers
+
+
+# the gated MLP's activation: SwiGLU (LLaMA, Mistral, Qwen2) or GeGLU with tanh-approximated gelu (Gemma)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "gelu_pytorch_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 @dataclass
@@ -48,55 +62,105 @@ class LlamaConfig:
     tie_embeddings: bool = False
     bos_id: int | None = None
     eos_id: int | None = None
+    head_dim: int | None = None  # None: d_model / n_heads (Gemma sets its own)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
+    activation: str = "silu"  # of the gated MLP, a key of ACTIVATIONS ("gelu_pytorch_tanh": Gemma)
+    embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(d_model))
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
-        if self.d_model % self.n_heads:
+        if self.head_dim is None and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                             f"pick n_heads among the divisors of {self.d_model}")
+                             f"pick n_heads among the divisors of {self.d_model}, or set head_dim")
+        if self.head_dim is not None and self.head_dim < 1:
+            raise ValueError(f"head_dim={self.head_dim} must be a positive integer (None: d_model / n_heads)")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}; "
                              f"each key/value head must serve a whole group of query heads")
         if self.d_head % 2:
-            raise ValueError(f"d_head={self.d_head} (d_model / n_heads) is odd; RoPE rotates pairs of "
-                             "dimensions, so choose d_model and n_heads that give an even d_head")
+            raise ValueError(f"d_head={self.d_head} (head_dim, or d_model / n_heads) is odd; RoPE rotates "
+                             "pairs of dimensions, so choose sizes that give an even d_head")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r} is not known; use one of {sorted(ACTIVATIONS)}")
+        if not self.embed_scale > 0:
+            raise ValueError(f"embed_scale={self.embed_scale} must be positive (1.0: embeddings as stored)")
 
     @property
     def d_head(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
 
     @classmethod
-    def from_hf(cls, hf_config: transformers.LlamaConfig) -> LlamaConfig:
-        """Read a transformers ``LlamaConfig`` (v4: a ``rope_theta`` attribute; v5: ``rope_parameters``)."""
+    def from_hf(cls, hf_config: transformers.PretrainedConfig) -> LlamaConfig:
+        """Read the config of a transformers LLaMA, Mistral, Qwen2 or Gemma (v4: a ``rope_theta`` attribute;
+        v5: ``rope_parameters``); other families are refused with what differs."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in LLAMA_SHAPED:
+            raise ValueError(family_refusal(model_type, type(hf_config).__name__))
         rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
         rope = dict(rope or {})
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
             raise ValueError(f"rope scaling type {rope_type!r} is not supported; only the default RoPE is "
                              "implemented (use a model without rope scaling, or add the variant here)")
-        extras = {"hidden_act": "silu", "attention_bias": False, "mlp_bias": False}
-        for name, wanted in extras.items():
-            if getattr(hf_config, name, wanted) != wanted:
-                raise ValueError(f"hf_config.{name}={getattr(hf_config, name)!r} is not supported; "
-                                 f"this implementation assumes {wanted!r}")
+        unsupported = {"attention_bias": "biases on q, k, v and o (only Qwen2's q/k/v biases exist here)",
+                       "mlp_bias": "biases in the MLP", "use_bidirectional_attention": "non-causal attention"}
+        for name, what in unsupported.items():
+            if getattr(hf_config, name, False):
+                raise ValueError(f"hf_config.{name}={getattr(hf_config, name)!r} is not supported: {what}; "
+                                 "use a model without them")
+        activation = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"hf_config.hidden_act={activation!r} is not supported; the gated MLP "
+                             f"implements {sorted(ACTIVATIONS)}")
         d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
-        if head_dim * n_heads != d_model:
-            raise ValueError(f"hf_config.head_dim={head_dim} differs from hidden_size / num_attention_heads "
-                             f"= {d_model} / {n_heads}; decoupled head sizes are not supported")
+        window = getattr(hf_config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(hf_config, "use_sliding_window", False):
+            window = None  # Qwen2 slides only when asked to (and then only in its upper layers)
+        max_seq_len = hf_config.max_position_embeddings
+        if window is not None and window < max_seq_len:
+            max_seq_len = window  # up to `window` tokens, sliding-window attention is full causal attention
         eos = hf_config.eos_token_id
         return cls(vocab_size=hf_config.vocab_size, d_model=d_model, n_layers=hf_config.num_hidden_layers,
                    n_heads=n_heads, n_kv_heads=hf_config.num_key_value_heads or n_heads,
                    d_ff=hf_config.intermediate_size,
                    rope_theta=float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))),
-                   norm_eps=hf_config.rms_norm_eps, max_seq_len=hf_config.max_position_embeddings,
+                   norm_eps=hf_config.rms_norm_eps, max_seq_len=max_seq_len,
                    tie_embeddings=bool(hf_config.tie_word_embeddings), bos_id=hf_config.bos_token_id,
-                   eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos)  # several EOS ids: the first
+                   eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos,  # several EOS ids: the first
+                   head_dim=None if head_dim * n_heads == d_model else head_dim,
+                   qkv_bias=model_type == "qwen2", activation=activation,
+                   embed_scale=d_model**0.5 if model_type == "gemma" else 1.0)
 
 
-LLAMA_SHAPED = ("llama", "mistral")  # families whose weights and forward are LLaMA's (Mistral: + a sliding window)
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "gemma")  # model types whose weights and forward are LLaMA's
+_SUGGESTION = ("use a LLaMA-shaped model such as SmolLM2, Llama, Mistral, Qwen2 or Gemma (1), or run this "
+               "one through transformers (the compression techniques take it; the inference techniques need "
+               "effref's Llama)")
+_GEMMA2 = ("tanh soft-capping of the attention and final logits, layers alternating sliding-window and "
+           "global attention, extra norms after attention and MLP, a query scale from query_pre_attn_scalar")
+_GEMMA3 = _GEMMA2 + ", plus RMSNorm on queries and keys and a second RoPE base for the local layers"
+# model types from_hf refuses, with what differs from the LLaMA block
+NOT_LLAMA_SHAPED = {
+    "opt": "learned absolute position embeddings instead of RoPE, LayerNorm with bias instead of RMSNorm, "
+           "an ungated ReLU MLP (fc1, fc2) and biases on every projection",
+    "gpt2": "learned absolute position embeddings instead of RoPE, LayerNorm with bias instead of RMSNorm, "
+            "an ungated GELU MLP (c_fc, c_proj) and one fused q/k/v projection (c_attn) with biases",
+    "gemma2": _GEMMA2, "gemma3": _GEMMA3, "gemma3_text": _GEMMA3,
+}
+
+
+def family_refusal(model_type: str | None, name: str) -> str:
+    """Why ``Llama.from_hf`` cannot convert a ``model_type`` model (``name``: its class), and what to do."""
+    known = ", ".join(LLAMA_SHAPED)
+    if model_type in NOT_LLAMA_SHAPED:
+        return (f"{name} (model_type {model_type!r}) is not LLaMA-shaped: {NOT_LLAMA_SHAPED[model_type]}. "
+                f"Llama.from_hf converts {known} only; {_SUGGESTION}")
+    return (f"{name} (model_type {model_type!r}) is not a family Llama.from_hf knows ({known}); "
+            f"{_SUGGESTION}. A family whose block is exactly LLaMA's (RoPE, RMSNorm, gated MLP) can be added "
+            "to LLAMA_SHAPED with a test against transformers' logits")
 
 
 class KVCache:
@@ -140,6 +204,19 @@ class KVCache:
         self.length = 0
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Token embeddings times a constant (Gemma: sqrt(d_model)), the constant first rounded to the weight
+    dtype as transformers does (in bf16, sqrt(3072) = 55.43 becomes 55.5)."""
+
+    def __init__(self, vocab_size: int, dim: int, scale: float):
+        super().__init__(vocab_size, dim)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = super().forward(input_ids)  # (B, T, d_model)
+        return x * torch.tensor(self.scale).to(x.dtype)  # fp32 constant -> model dtype, like transformers
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -176,9 +253,9 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.n_heads, self.n_kv_heads = layer, cfg.n_heads, cfg.n_kv_heads
         self.d_head = cfg.d_head
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=False)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=False)
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.d_head, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.d_head, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -208,9 +285,10 @@ class MLP(nn.Module):
         self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+        self.act = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU, (B, T, d_ff) inside; (B, T, d_model)
+        return self.down(self.act(self.gate(x)) * self.up(x))  # (B, T, d_ff) inside; (B, T, d_model)
 
 
 class Block(nn.Module):
@@ -235,7 +313,8 @@ class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = (nn.Embedding(cfg.vocab_size, cfg.d_model) if cfg.embed_scale == 1.0
+                      else ScaledEmbedding(cfg.vocab_size, cfg.d_model, cfg.embed_scale))
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -353,22 +432,24 @@ class Llama(nn.Module):
         return torch.cat([input_ids, *new], dim=1)  # (B, T + new)
 
     @classmethod
-    def from_hf(cls, hf_model: transformers.LlamaForCausalLM) -> Llama:
-        """Our model with the weights (and dtype, device) of a transformers ``LlamaForCausalLM``."""
+    def from_hf(cls, hf_model: transformers.PreTrainedModel) -> Llama:
+        """Our model with the weights (and dtype, device) of a transformers causal LM of a LLaMA-shaped family
+        (``LLAMA_SHAPED``: LLaMA, Mistral, Qwen2, Gemma); any other is refused with what differs."""
         model_type = getattr(getattr(hf_model, "config", None), "model_type", None)
-        if model_type not in LLAMA_SHAPED or not hasattr(hf_model, "lm_head"):
-            raise ValueError(f"hf_model must be a transformers causal LM of LLaMA's shape ({', '.join(LLAMA_SHAPED)}),"
-                             f" got {type(hf_model).__name__}; other families (Qwen2's q/k/v biases, GPT-2, OPT) "
-                             "run the inference techniques only through transformers")
+        if model_type is None or not hasattr(hf_model, "lm_head"):
+            raise ValueError(f"hf_model must be a transformers causal LM of LLaMA's shape "
+                             f"({', '.join(LLAMA_SHAPED)}), got {type(hf_model).__name__}; load one with "
+                             "AutoModelForCausalLM.from_pretrained")
+        if model_type not in LLAMA_SHAPED:
+            raise ValueError(family_refusal(model_type, type(hf_model).__name__))
         cfg = LlamaConfig.from_hf(hf_model.config)
-        window = getattr(hf_model.config, "sliding_window", None)
-        if model_type == "mistral" and window is not None and window < cfg.max_seq_len:
-            # up to `window` tokens, sliding-window attention is full causal attention: cap the length there
-            cfg = dataclasses.replace(cfg, max_seq_len=window)
         weight = hf_model.get_input_embeddings().weight
         model = cls(cfg).to(device=weight.device, dtype=weight.dtype)
         state = {".".join(_HF_NAMES.get(part, part) for part in name.split(".") if part != "model"): tensor
                  for name, tensor in hf_model.state_dict().items()}
+        if model_type == "gemma":  # Gemma's RMSNorm scales by (1 + w): fold the 1 in, in fp32
+            state = {name: (1.0 + t.float()).to(t.dtype) if name.endswith("norm.weight") else t
+                     for name, t in state.items()}
         if cfg.tie_embeddings:
             state.pop("lm_head.weight", None)  # shared with embed.weight, which is loaded
             state["lm_head.weight"] = state["embed.weight"]
@@ -377,8 +458,19 @@ class Llama(nn.Module):
 
 
 def require_llama(model: object, name: str = "model") -> None:
-    """The inference techniques run on our :class:`Llama` (or a model that speaks its decoding protocol: ``cfg``
-    and ``new_cache``, called as ``model(ids, cache)``); refuse anything else with the conversion to use."""
-    if not (isinstance(model, Llama) or (hasattr(model, "cfg") and callable(getattr(model, "new_cache", None)))):
-        raise TypeError(f"{name} must be effref's Llama, got {type(model).__name__}; convert a transformers LLaMA "
-                        f"or Mistral with effref.models.llama.Llama.from_hf({name})")
+    """The inference techniques run on our :class:`Llama` (or a model that speaks its decoding protocol:
+    ``cfg`` and ``new_cache``, called as ``model(ids, cache)``); refuse anything else with the conversion to
+    use, or, for a transformers family ``Llama.from_hf`` cannot convert, with what differs."""
+    if isinstance(model, Llama) or (hasattr(model, "cfg") and callable(getattr(model, "new_cache", None))):
+        return
+    raise TypeError(not_llama_message(model, name))
+
+
+def not_llama_message(model: object, name: str = "model") -> str:
+    """The error for a ``name`` that is not effref's Llama: the conversion, or why there is none."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    got = f"{name} must be effref's Llama, got {type(model).__name__}"
+    if model_type is not None and model_type not in LLAMA_SHAPED:
+        return f"{got}, and Llama.from_hf cannot convert it: " + family_refusal(model_type, type(model).__name__)
+    return (f"{got}; convert a transformers model of a LLaMA-shaped family ({', '.join(LLAMA_SHAPED)}) with "
+            f"effref.models.llama.Llama.from_hf({name})")

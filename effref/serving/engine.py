@@ -39,7 +39,7 @@ from collections.abc import Sequence as Seq
 import torch
 
 from effref.inference import speculative as spec
-from effref.models.llama import Llama
+from effref.models.llama import Llama, not_llama_message
 from effref.serving.blocks import BlockManager
 from effref.serving.drafting import PagedDraft
 from effref.serving.paged_cache import PagedKVCache, RaggedBatch, paged_forward
@@ -54,8 +54,7 @@ class Engine:
                  num_cpu_blocks: int = 0, draft: Llama | None = None, gamma: int = 4,
                  draft_blocks: int | None = None):
         if not isinstance(model, Llama):
-            raise TypeError(f"model must be an effref.models.llama.Llama, got {type(model).__name__}; "
-                            "convert a transformers model with Llama.from_hf")
+            raise TypeError(not_llama_message(model, "model"))
         if draft is not None:
             if not isinstance(draft, Llama):
                 raise TypeError(f"draft must be an effref.models.llama.Llama, got {type(draft).__name__}; "
