@@ -120,13 +120,20 @@ def losparse_compress_model(model: nn.Module, rank_ratio: float, sparse_fraction
     """Replace each target block linear by a ``LoSparseLinear``; the rank keeps ``rank_ratio`` of its
     parameters. Activation-weighted importance when ``stats``/``calib_batches`` are given; ``cache`` as in
     ``svd_compress_model`` (plain SVDs, shared with it). {name: rank}."""
+    if not 0 <= sparse_fraction <= 1:
+        raise ValueError(f"sparse_fraction={sparse_fraction} must be in [0, 1] (share of the residual kept)")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} is not known; use one of {STRUCTURES}")
     ranks: dict[str, int] = {}
 
-    def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LoSparseLinear:
+    def plan_rank(name: str, linear: nn.Linear) -> None:  # before any layer changes
         ranks[name] = rank_for_ratio(linear.out_features, linear.in_features, rank_ratio)
+
+    def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LoSparseLinear:
         factors = cached_factors(cache, name, linear.weight.detach())
         return losparse_factorize(linear, ranks[name], sparse_fraction, structure, s, factors)
 
     needs = ("sq_mean",) if calib_batches is not None or stats is not None else ()
-    map_linears(model, layer_fn, needs, calib_batches, stats, target=target, desc="losparse", **kwargs)
+    map_linears(model, layer_fn, needs, calib_batches, stats, target=target, desc="losparse", check=plan_rank,
+                **kwargs)
     return ranks

@@ -131,12 +131,15 @@ def svd_compress_model(model: nn.Module, ratio: float, whiten: bool = False,
     SVD, so a sweep over ratios on the same dense weights pays for one SVD per layer. Returns {name: rank}."""
     ranks: dict[str, int] = {}
 
-    def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LowRankLinear:
+    def plan_rank(name: str, linear: nn.Linear) -> None:  # every layer's rank, checked before any layer changes
         ranks[name] = (rank_of or {}).get(name) or rank_for_ratio(linear.out_features, linear.in_features, ratio)
+        check_rank(ranks[name], linear.out_features, linear.in_features)
+
+    def layer_fn(name: str, linear: nn.Linear, s: InputStats | None) -> LowRankLinear:
         hessian = s.hessian if whiten and s is not None else None
         factors = cached_factors(cache, name, linear.weight.detach(), hessian, damp)
         return svd_factorize(linear, ranks[name], s if whiten else None, damp, factors)
 
     map_linears(model, layer_fn, ("hessian",) if whiten else (), calib_batches, stats, target=target,
-                desc="svd", **kwargs)
+                desc="svd", check=plan_rank, **kwargs)
     return ranks
