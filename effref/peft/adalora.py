@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import MergeableAdapter, adapters_of, wrap_modules
+from effref.checks import config_or_default
+from effref.peft.core import MergeableAdapter, adapters_of, targets_or_default, wrap_modules
 
 
 @dataclass
@@ -31,7 +32,7 @@ class AdaLoraConfig:
     init_r: int = 12
     target_r: int = 8  # average rank per layer at the end
     alpha: float = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the model's query and value projections
     total_steps: int = 100
     t_init: int = 10
     t_final: int = 20
@@ -48,7 +49,8 @@ class AdaLoraConfig:
                              f"{self.total_steps}: the budget needs steps in between to shrink")
         if self.delta_t < 1 or not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             raise ValueError(f"delta_t={self.delta_t} must be >= 1 and beta1={self.beta1}, beta2={self.beta2} in [0, 1)")
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
 
 class SVDLinear(MergeableAdapter):
@@ -88,8 +90,9 @@ class SVDLinear(MergeableAdapter):
 
 def apply_adalora(model: nn.Module, cfg: AdaLoraConfig) -> nn.Module:
     """Wrap the target linears in ``SVDLinear`` (rank ``init_r``) and freeze everything else (in place)."""
-    wrap_modules(model, cfg.target_modules, lambda name, layer: SVDLinear(layer, cfg.init_r, cfg.alpha),
-                 skip=(SVDLinear,))
+    cfg = config_or_default(cfg, AdaLoraConfig, "AdaLoraConfig(init_r=12, target_r=8)")
+    targets = targets_or_default(model, cfg.target_modules, "query_value")
+    wrap_modules(model, targets, lambda name, layer: SVDLinear(layer, cfg.init_r, cfg.alpha), skip=(SVDLinear,))
     return model
 
 

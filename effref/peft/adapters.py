@@ -12,7 +12,10 @@ with a bottleneck of width m ≪ d, σ = ReLU (Houlsby) and W_up zero-initialise
 at initialisation. Neither form can be merged into a weight (σ is non-linear between the two matrices).
 Glossary: d model width · m ``bottleneck`` · W_down ``adapter_down`` (d → m) · W_up ``adapter_up`` (m → d)
           · s ``scaling`` (parallel only).
-By default every layer gets two adapters, one on its attention block and one on its MLP (survey §2.3.1).
+By default every layer gets two adapters, one on its attention block and one on its MLP (survey §2.3.1): the
+blocks the model's layout names (``effref.peft.core.LAYOUTS``). OPT has no MLP module (fc1 and fc2 sit in the
+decoder layer), so there the MLP adapter goes around fc2: in series that is the same as after the MLP; in
+parallel it reads fc2's input (the ffn-wide activation) instead of the block's input.
 Left out: AdapterFusion, Houlsby's trainable layer norms.
 """
 
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import io_features, wrap_modules
+from effref.checks import config_or_default
+from effref.peft.core import io_features, layout_of, wrap_modules
 
 PLACEMENTS = ("series", "parallel")
 
@@ -32,7 +36,7 @@ PLACEMENTS = ("series", "parallel")
 class AdapterConfig:
     bottleneck: int = 16
     placement: str = "series"  # "series" or "parallel"
-    target_modules: tuple[str, ...] = ("self_attn", "mlp")  # blocks (or linear layers); ours: ("attn", "mlp")
+    target_modules: tuple[str, ...] | None = None  # blocks (or linears); None: the model's attention and MLP
     scaling: float = 1.0  # parallel adapters only
 
     def __post_init__(self) -> None:
@@ -40,7 +44,8 @@ class AdapterConfig:
             raise ValueError(f"placement={self.placement!r} is not known; use one of {PLACEMENTS}")
         if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck <= 0:
             raise ValueError(f"bottleneck={self.bottleneck!r} must be a positive integer width, e.g. 16")
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
 
 class BottleneckAdapter(nn.Module):
@@ -74,7 +79,14 @@ class BottleneckAdapter(nn.Module):
 
 def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Wrap every module whose name ends with one of ``cfg.target_modules`` and freeze the rest (in place)."""
-    wrap_modules(model, cfg.target_modules, lambda name, m: BottleneckAdapter(m, cfg.bottleneck, cfg.placement,
-                                                                              cfg.scaling),
-                 skip=(BottleneckAdapter,), linear_only=False)
+    cfg = config_or_default(cfg, AdapterConfig, "AdapterConfig(bottleneck=16)")
+    targets = cfg.target_modules
+    if targets is None:
+        layout = layout_of(model)
+        targets = (layout.attention, layout.mlp)
+
+    def make(name: str, block: nn.Module) -> BottleneckAdapter:
+        return BottleneckAdapter(block, cfg.bottleneck, cfg.placement, cfg.scaling)
+
+    wrap_modules(model, targets, make, skip=(BottleneckAdapter,), linear_only=False)
     return model

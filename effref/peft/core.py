@@ -5,7 +5,11 @@ for all of them and live here once:
 
 - ``find_linears(model, targets)``: the linear-like modules (anything exposing ``in_features`` and
   ``out_features``, so an ``nn.Linear`` or a quantized linear) whose dotted name ends in one of ``targets``;
-  an error lists the names that do exist when nothing matches.
+  every target must match something (a name the architecture does not have is an error listing the names
+  it does have, never a silent no-op).
+- ``layout_of(model)`` / ``targets_or_default``: the names each architecture gives the parts the methods
+  target (LLaMA-like models, OPT, GPT-2 after ``linear_from_conv1d``, our Llama), so that a config's
+  ``target_modules=None`` means "this model's query and value projections" (or its MLP, or all its linears).
 - ``replace_module(model, name, new)``: put ``new`` where the module called ``name`` was.
 - ``freeze_base(model)``: ``requires_grad = False`` on every parameter (methods then switch on their own).
 - ``merge_adapters`` / ``unmerge_adapters`` fold adapters into the weights and back, exactly;
@@ -15,13 +19,15 @@ for all of them and live here once:
   its ``frozen_adapter_tensors`` attribute (frozen but not part of the base model, e.g. LoRA-FA's random
   A), saved with safetensors and loaded back exactly (missing, unexpected and mis-shaped keys are errors).
 
-Glossary: target = suffix of a dotted module name ("q_proj" matches "model.layers.0.self_attn.q_proj").
+Glossary: target = suffix of a dotted module name ("q_proj" matches "model.layers.0.self_attn.q_proj")
+          · layout = where an architecture keeps its attention, MLP and projections.
 Left out: regex targets and per-layer configs (peft's ``rank_pattern``); sharded checkpoints.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -59,7 +65,11 @@ def find_linears(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
 
 def find_modules(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...] = (),
                  linear_only: bool = False) -> dict[str, nn.Module]:
-    """Like ``find_linears`` but for any module ("mlp", "self_attn") unless ``linear_only``."""
+    """Like ``find_linears`` but for any module ("mlp", "self_attn") unless ``linear_only``.
+
+    Every target must match at least one module: a target the architecture does not have (``down_proj`` on
+    OPT) is an error, not a part of the model silently left without its adapter.
+    """
     targets = tuple(targets)
     if not targets or not all(isinstance(t, str) and t for t in targets):
         raise ValueError(f"target_modules={targets!r} must be a non-empty tuple of module-name suffixes, "
@@ -75,9 +85,11 @@ def find_modules(model: nn.Module, targets: Iterable[str], skip: tuple[type, ...
         kind_ok = is_linear_like(module) or not linear_only
         if name and kind_ok and any(name == t or name.endswith("." + t) for t in targets):
             found[name] = module
-    if not found:
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in found)]
+    if missing:
         what = "linear layer" if linear_only else "module"
-        raise ValueError(f"target_modules={targets!r} match no {what} of {type(model).__name__}; "
+        names = "" if len(missing) == len(targets) else f" ({', '.join(map(repr, missing))} of them)"
+        raise ValueError(f"target_modules={targets!r} match no {what} of {type(model).__name__}{names}; "
                          f"its linear layers are named {linear_names(model)}{conv1d_hint(model)}")
     return found
 
@@ -95,6 +107,72 @@ def wrap_modules(model: nn.Module, targets: Iterable[str], make: Callable[[str, 
     for name, wrapper in wrapped.items():
         replace_module(model, name, wrapper)
     return wrapped
+
+
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where one architecture keeps the parts the PEFT methods target (suffixes of module names)."""
+
+    name: str
+    attention: str  # the attention block
+    mlp: str  # the MLP block; OPT has none (fc1, fc2 sit in the decoder layer), so its last linear, fc2
+    query_value: tuple[str, ...]  # LoRA's default targets: the query and value projections
+    key_value: tuple[str, ...]  # (IA)³ rescales the keys and values at these outputs
+    mlp_out: str  # the feed-forward's last projection ((IA)³ rescales its input)
+    linears: tuple[str, ...]  # every linear of a block (QLoRA, PEQA, QA-LoRA)
+
+
+LAYOUTS = (
+    Layout("LLaMA-like (LLaMA, Mistral, Qwen2, Gemma)", "self_attn", "mlp", ("q_proj", "v_proj"),
+           ("k_proj", "v_proj"), "down_proj", LLAMA_LINEARS),
+    Layout("effref Llama", "attn", "mlp", ("q_proj", "v_proj"), ("k_proj", "v_proj"), "down",
+           ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")),
+    Layout("OPT", "self_attn", "fc2", ("q_proj", "v_proj"), ("k_proj", "v_proj"), "fc2",
+           ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")),
+    # GPT-2 fuses q, k and v in one c_attn (3·d wide): LoRA and (IA)³ act on all three (peft's choice too).
+    Layout("GPT-2", "attn", "mlp", ("c_attn",), ("c_attn",), "mlp.c_proj", ("c_attn", "c_proj", "c_fc")),
+)
+
+
+def layout_of(model: nn.Module) -> Layout:
+    """The first of ``LAYOUTS`` whose linear layers and attention block ``model`` has; else a ValueError."""
+    linears = set(linear_names(model))
+    modules = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    for layout in LAYOUTS:
+        if set(layout.linears) <= linears and layout.attention in modules:
+            return layout
+    raise ValueError(f"{type(model).__name__} has none of the layouts effref knows "
+                     f"({', '.join(layout.name for layout in LAYOUTS)}): its linear layers are named "
+                     f"{linear_names(model)}; pass target_modules=(...) with names from that list"
+                     f"{conv1d_hint(model)}")
+
+
+def targets_or_default(model: nn.Module, targets: Iterable[str] | None, role: str) -> tuple[str, ...]:
+    """``targets`` as a tuple, or when it is None the ``role`` ("query_value", "linears", ...) of the model's layout."""
+    if targets is not None:
+        return (targets,) if isinstance(targets, str) else tuple(targets)
+    value = getattr(layout_of(model), role)
+    return (value,) if isinstance(value, str) else value
+
+
+def linear_targets(model: nn.Module, targets: Iterable[str], method: str) -> dict[str, nn.Linear]:
+    """``find_linears`` for methods that rebuild an ``nn.Linear`` (quantize it): any other match is refused."""
+    found = find_linears(model, targets)
+    other = {name: type(m).__name__ for name, m in found.items() if not isinstance(m, nn.Linear)}
+    if other:
+        name, kind = next(iter(other.items()))
+        raise TypeError(f"{method} rebuilds nn.Linear layers, but {name} is a {kind} ({len(other)} such targets); "
+                        "apply it to the unquantized model, or leave those layers out of target_modules")
+    return found
+
+
+def replace_all(model: nn.Module, new: dict[str, nn.Module]) -> None:
+    """Install every ``{name: module}`` of ``new``; build them all first, so that a failure changes nothing."""
+    for name, module in new.items():
+        replace_module(model, name, module)
 
 
 def io_features(module: nn.Module) -> tuple[int, int]:
@@ -264,13 +342,13 @@ def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         raise KeyError(f"adapter state does not fit this model: missing {missing[:5]}, unexpected "
                        f"{unexpected[:5]}; apply the same method with the same config before loading")
     tensors = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    for name, value in state.items():  # every shape is checked before the first copy
+        if tensors[name].shape != value.shape:
+            raise ValueError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(tensors[name].shape)}; was it saved with another rank or config?")
     with torch.no_grad():
         for name, value in state.items():
-            target = tensors[name]
-            if target.shape != value.shape:
-                raise ValueError(f"adapter tensor {name} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(target.shape)}; was it saved with another rank or config?")
-            target.copy_(value)
+            tensors[name].copy_(value)
 
 
 def save_trainable(model: nn.Module, path: str | Path) -> int:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import adapters_of, wrap_modules
+from effref.checks import config_or_default
+from effref.peft.core import adapters_of, targets_or_default, wrap_modules
 from effref.peft.lora import LoraLinear
 
 
@@ -28,12 +29,13 @@ class DyLoraConfig:
     r: int = 8  # r_max
     r_min: int = 1
     alpha: float = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the model's query and value projections
 
     def __post_init__(self) -> None:
         if not 0 < self.r_min <= self.r:
             raise ValueError(f"r_min={self.r_min}, r={self.r}: need 0 < r_min <= r (the largest rank)")
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
 
 class DyLoraLinear(LoraLinear):
@@ -61,8 +63,9 @@ class DyLoraLinear(LoraLinear):
 
 def apply_dylora(model: nn.Module, cfg: DyLoraConfig) -> nn.Module:
     """Wrap the target linears in ``DyLoraLinear`` (rank r_max) and freeze everything else (in place)."""
-    wrap_modules(model, cfg.target_modules, lambda name, layer: DyLoraLinear(layer, cfg.r, cfg.alpha),
-                 skip=(LoraLinear,))
+    cfg = config_or_default(cfg, DyLoraConfig, "DyLoraConfig(r=8)")
+    targets = targets_or_default(model, cfg.target_modules, "query_value")
+    wrap_modules(model, targets, lambda name, layer: DyLoraLinear(layer, cfg.r, cfg.alpha), skip=(LoraLinear,))
     model.dylora_range = (cfg.r_min, cfg.r)
     return model
 

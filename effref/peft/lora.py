@@ -36,6 +36,7 @@ from effref.peft.core import (  # noqa: F401
     merge_and_unload,
     replace_module,
     save_trainable,
+    targets_or_default,
     trainable_state_dict,
     unmerge_adapters,
     wrap_modules,
@@ -45,12 +46,14 @@ from effref.peft.core import (  # noqa: F401
 @dataclass
 class LoraConfig:
     """LoRA's settings; peft's names are accepted too: ``lora_alpha``, ``lora_dropout``, and
-    ``target_modules="all-linear"`` (every linear layer of the decoder, not the output head)."""
+    ``target_modules="all-linear"`` (every linear layer of the decoder, not the output head).
+    ``target_modules=None`` takes the model's query and value projections (q_proj and v_proj; GPT-2's fused
+    c_attn), as peft does per architecture."""
 
     r: int = 8
     alpha: float = 16
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the model's query and value projections
     freeze_a: bool = False  # LoRA-FA: A stays at its random init, only B trains
     lora_alpha: InitVar[float | None] = None  # peft's name for alpha
     lora_dropout: InitVar[float | None] = None  # peft's name for dropout
@@ -71,7 +74,8 @@ class LoraConfig:
             raise ValueError(f"dropout={self.dropout} must be in [0, 1), e.g. 0.05")
         if isinstance(self.target_modules, str):
             self.target_modules = (self.target_modules,)
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
 
 def _reference_tensor(base: nn.Module) -> torch.Tensor | None:
@@ -138,13 +142,20 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> nn.Module:
                              f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
         return LoraLinear(layer, cfg.r, cfg.alpha, cfg.dropout, cfg.freeze_a)
 
-    targets = all_linear_names(model) if cfg.target_modules == ("all-linear",) else cfg.target_modules
-    wrap_modules(model, targets, make, skip=(LoraLinear,))
+    wrap_modules(model, lora_targets(model, cfg), make, skip=(LoraLinear,))
     return model
+
+
+def lora_targets(model: nn.Module, cfg: LoraConfig) -> tuple[str, ...]:
+    """The module-name suffixes ``cfg.target_modules`` stands for in ``model`` ("all-linear", None: the layout's)."""
+    if cfg.target_modules == ("all-linear",):
+        return all_linear_names(model)
+    return targets_or_default(model, cfg.target_modules, "query_value")
 
 
 def apply_lora_fa(model: nn.Module, cfg: LoraConfig) -> nn.Module:
     """LoRA-FA: ``apply_lora`` with A frozen at its random projection (only B is trained)."""
+    cfg = config_or_default(cfg, LoraConfig, "LoraConfig(r=8, alpha=16)")
     cfg = LoraConfig(cfg.r, cfg.alpha, cfg.dropout, cfg.target_modules, freeze_a=True)
     return apply_lora(model, cfg)
 
@@ -178,9 +189,10 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
         raise KeyError(f"LoRA state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}; "
                        "apply_lora with the same target_modules first")
     params = dict(model.named_parameters())
+    for name, value in state.items():  # every shape is checked before the first copy
+        if params[name].shape != value.shape:
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, the model expects "
+                             f"{tuple(params[name].shape)}; was it saved with another rank r?")
     with torch.no_grad():
         for name, value in state.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{name} has shape {tuple(value.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}; was it saved with another rank r?")
             params[name].copy_(value)

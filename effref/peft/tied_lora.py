@@ -8,8 +8,8 @@ another: their shapes differ under grouped-query attention), u_l ∈ ℝ^r start
 0 (the model is unchanged at initialisation). ``train_ab`` / ``train_uv`` choose which parts learn: both
 trainable is the paper's "vBuA" (TL6); frozen A, B with trained u, v is "vB̄uĀ" (TL5, VeRA-like).
 Glossary: A ``shared.A`` · B ``shared.B`` · u_l ``u`` · v_l ``v`` · r rank · α ``alpha``.
-Left out: the paper's fused-QKV placement in NeMo (here q_proj and v_proj separately), the other variants
-          of Table 1 that drop u or v (set them frozen at 1 by hand if needed).
+Left out: the paper's fused-QKV placement in NeMo (here q_proj and v_proj separately; GPT-2's own fused
+          c_attn as one target), the other variants of Table 1 that drop u or v (set them frozen at 1 by hand).
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import MergeableAdapter, wrap_modules
+from effref.checks import config_or_default
+from effref.peft.core import MergeableAdapter, targets_or_default, wrap_modules
 
 
 @dataclass
 class TiedLoraConfig:
     r: int = 8
     alpha: float = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | None = None  # None: the model's query and value projections
     train_ab: bool = True  # False: A and B stay at their random init (TL5)
     train_uv: bool = True
 
@@ -36,7 +37,8 @@ class TiedLoraConfig:
             raise ValueError(f"r={self.r!r} must be a positive integer rank, e.g. r=8")
         if not (self.train_ab or self.train_uv):
             raise ValueError("train_ab=False and train_uv=False leave nothing to train; enable one of them")
-        self.target_modules = tuple(self.target_modules)
+        if self.target_modules is not None:
+            self.target_modules = tuple(self.target_modules)
 
 
 class TiedFactors(nn.Module):
@@ -77,10 +79,12 @@ class TiedLoraLinear(MergeableAdapter):
 
 def apply_tied_lora(model: nn.Module, cfg: TiedLoraConfig) -> nn.Module:
     """Wrap the target linears, one ``TiedFactors`` per target name, and freeze everything else (in place)."""
+    cfg = config_or_default(cfg, TiedLoraConfig, "TiedLoraConfig(r=8)")
+    targets = targets_or_default(model, cfg.target_modules, "query_value")
     shared: dict[str, TiedFactors] = {}
 
     def make(name: str, layer: nn.Module) -> TiedLoraLinear:
-        key = next(t for t in cfg.target_modules if name == t or name.endswith("." + t))
+        key = next(t for t in targets if name == t or name.endswith("." + t))
         if cfg.r > min(layer.in_features, layer.out_features):
             raise ValueError(f"r={cfg.r} exceeds min(in_features, out_features) = "
                              f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
@@ -93,7 +97,7 @@ def apply_tied_lora(model: nn.Module, cfg: TiedLoraConfig) -> nn.Module:
                              f"{layer.out_features}); tying needs equal shapes, target them separately")
         return TiedLoraLinear(layer, shared[key], cfg.alpha)
 
-    for layer in wrap_modules(model, cfg.target_modules, make, skip=(TiedLoraLinear,)).values():
+    for layer in wrap_modules(model, targets, make, skip=(TiedLoraLinear,)).values():
         layer.u.requires_grad_(cfg.train_uv)
         layer.v.requires_grad_(cfg.train_uv)
         layer.shared.A.requires_grad_(cfg.train_ab)
