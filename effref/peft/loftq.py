@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effref.peft.core import find_linears, freeze_base, replace_module
-from effref.peft.lora import LoraConfig, LoraLinear
+from effref.checks import config_or_default
+from effref.peft.core import freeze_base, linear_targets, replace_all
+from effref.peft.lora import LoraConfig, LoraLinear, lora_targets
 from effref.peft.qlora import NF4Config, NF4Linear, fake_quantize_nf4
 from effref.runtime import progress_bar
 
@@ -87,17 +88,22 @@ def apply_loftq(model: nn.Module, lora_cfg: LoraConfig, cfg: LoftQConfig = LoftQ
                 progress: bool = False) -> dict[str, list[float]]:
     """Replace every ``lora_cfg.target_modules`` linear by NF4 + LoftQ-initialised LoRA; freeze the rest.
 
-    Returns {layer name: errors per iteration}. The model is modified in place.
+    Returns {layer name: errors per iteration}. The model is modified in place, once every new layer is built
+    (a failure leaves it as it was).
     """
-    targets = {n: m for n, m in find_linears(model, lora_cfg.target_modules).items() if isinstance(m, nn.Linear)}
+    lora_cfg = config_or_default(lora_cfg, LoraConfig, "LoraConfig(r=8, alpha=16)")
+    cfg = config_or_default(cfg, LoftQConfig, "LoftQConfig(iterations=5)")
+    targets = linear_targets(model, lora_targets(model, lora_cfg), "LoftQ")
     for name, layer in targets.items():  # check every layer before changing any
         if lora_cfg.r > min(layer.in_features, layer.out_features):
-            raise ValueError(f"r={lora_cfg.r} exceeds min(in_features, out_features) of {name}")
+            raise ValueError(f"r={lora_cfg.r} exceeds min(in_features, out_features) = "
+                             f"{min(layer.in_features, layer.out_features)} of {name}; pick r <= that")
         if layer.weight.numel() % cfg.nf4.block_size:
-            raise ValueError(f"block_size={cfg.nf4.block_size} does not divide the weight of {name}")
-    freeze_base(model)
-    errors = {}
+            raise ValueError(f"block_size={cfg.nf4.block_size} does not divide the {tuple(layer.weight.shape)} "
+                             f"weight of {name}; pick a divisor of its size such as 64")
+    new, errors = {}, {}
     for name, layer in progress_bar(targets.items(), desc="LoftQ", unit="layer", disable=not progress):
-        new, errors[name] = loftq_layer(layer, lora_cfg, cfg)
-        replace_module(model, name, new)
+        new[name], errors[name] = loftq_layer(layer, lora_cfg, cfg)
+    freeze_base(model)  # before the swap: the new adapters stay trainable
+    replace_all(model, new)
     return errors

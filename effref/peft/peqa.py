@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import find_linears, freeze_base, replace_module
-from effref.peft.qlora import LLAMA_LINEARS
+from effref.checks import config_or_default
+from effref.peft.core import freeze_base, linear_targets, replace_all, targets_or_default
 from effref.quantization.basics import QuantConfig, pack, quantize, unpack
 from effref.runtime import progress_bar
 
@@ -32,7 +32,7 @@ from effref.runtime import progress_bar
 class PeqaConfig:
     bits: int = 4
     group_size: int | None = None  # None: one scale per output channel (per-channel, the paper's default)
-    target_modules: tuple[str, ...] = LLAMA_LINEARS
+    target_modules: tuple[str, ...] | None = None  # None: every linear of the model's blocks
 
     def __post_init__(self) -> None:
         QuantConfig(bits=self.bits, group_size=1 if self.group_size is None else self.group_size)  # validates
@@ -106,13 +106,19 @@ def peqa_layer(linear: nn.Linear, cfg: PeqaConfig) -> GroupQuantLinear:
 
 
 def apply_peqa(model: nn.Module, cfg: PeqaConfig = PeqaConfig(), progress: bool = False) -> nn.Module:
-    """Quantize every target linear and train only the scales; everything else is frozen. In place."""
-    targets = {n: m for n, m in find_linears(model, cfg.target_modules).items() if isinstance(m, nn.Linear)}
+    """Quantize every target linear and train only the scales; everything else is frozen. In place.
+
+    Every layer is quantized before the first one is swapped in, so a failure leaves the model as it was.
+    """
+    cfg = config_or_default(cfg, PeqaConfig, "PeqaConfig(bits=4)")
+    targets = linear_targets(model, targets_or_default(model, cfg.target_modules, "linears"), "PEQA")
     for name, layer in targets.items():  # check every layer before changing any
         group = cfg.group_size or layer.in_features
         if layer.in_features % group:
-            raise ValueError(f"group_size={group} does not divide in_features={layer.in_features} of {name}")
-    freeze_base(model)
-    for name, layer in progress_bar(targets.items(), desc="PEQA", unit="layer", disable=not progress):
-        replace_module(model, name, peqa_layer(layer, cfg))
+            raise ValueError(f"group_size={group} does not divide in_features={layer.in_features} of {name}; "
+                             "pick a divisor such as 32 or 64, or group_size=None (per channel)")
+    quantized = {name: peqa_layer(layer, cfg) for name, layer in
+                 progress_bar(targets.items(), desc="PEQA", unit="layer", disable=not progress)}
+    freeze_base(model)  # before the swap: the new scales stay trainable
+    replace_all(model, quantized)
     return model

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from effref.peft.core import find_linears, freeze_base, replace_module
-from effref.peft.peqa import LLAMA_LINEARS, GroupQuantLinear
+from effref.checks import config_or_default
+from effref.peft.core import freeze_base, linear_targets, replace_all, targets_or_default
+from effref.peft.peqa import GroupQuantLinear
 from effref.runtime import progress_bar
 
 
@@ -38,7 +39,7 @@ class QALoraConfig:
     dropout: float = 0.0
     bits: int = 4
     group_size: int = 32  # L; the paper uses 32 (G = in / 32 adapter inputs)
-    target_modules: tuple[str, ...] = LLAMA_LINEARS
+    target_modules: tuple[str, ...] | None = None  # None: every linear of the model's blocks
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -106,19 +107,26 @@ class QALoraLinear(nn.Module):
 
 
 def apply_qa_lora(model: nn.Module, cfg: QALoraConfig = QALoraConfig(), progress: bool = False) -> nn.Module:
-    """Group-quantize every target linear (RTN, ``cfg.bits``) and add a QA-LoRA adapter; freeze the rest."""
-    targets = {n: m for n, m in find_linears(model, cfg.target_modules).items() if isinstance(m, nn.Linear)}
+    """Group-quantize every target linear (RTN, ``cfg.bits``) and add a QA-LoRA adapter; freeze the rest.
+
+    Every layer is built before the first one is swapped in, so a failure leaves the model as it was.
+    """
+    cfg = config_or_default(cfg, QALoraConfig, "QALoraConfig(r=8, group_size=32)")
+    targets = linear_targets(model, targets_or_default(model, cfg.target_modules, "linears"), "QA-LoRA")
     for name, layer in targets.items():  # check every layer before changing any
         if layer.in_features % cfg.group_size:
             raise ValueError(f"group_size={cfg.group_size} does not divide in_features={layer.in_features} "
                              f"of {name}; pick a divisor such as 32 or 64")
-        if cfg.r > min(layer.in_features // cfg.group_size, layer.out_features):
-            raise ValueError(f"r={cfg.r} exceeds the {layer.in_features // cfg.group_size} groups of {name}; "
-                             "pick r <= in_features / group_size")
-    freeze_base(model)
-    for name, layer in progress_bar(targets.items(), desc="QA-LoRA", unit="layer", disable=not progress):
-        base = GroupQuantLinear(layer, cfg.bits, cfg.group_size)
-        replace_module(model, name, QALoraLinear(base, cfg.r, cfg.alpha, cfg.dropout))
+        groups = layer.in_features // cfg.group_size
+        if cfg.r > min(groups, layer.out_features):
+            raise ValueError(f"r={cfg.r} exceeds min(groups, out_features) = {min(groups, layer.out_features)} "
+                             f"of {name} ({groups} groups of {cfg.group_size} inputs); pick a smaller r or "
+                             "group_size")
+    layers = progress_bar(targets.items(), desc="QA-LoRA", unit="layer", disable=not progress)
+    adapted = {name: QALoraLinear(GroupQuantLinear(layer, cfg.bits, cfg.group_size), cfg.r, cfg.alpha, cfg.dropout)
+               for name, layer in layers}
+    freeze_base(model)  # before the swap: the new adapters stay trainable
+    replace_all(model, adapted)
     return model
 
 

@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effref.peft.core import find_linears, replace_module
-from effref.peft.lora import LoraConfig, apply_lora
+from effref.checks import config_or_default
+from effref.peft.core import LLAMA_LINEARS  # noqa: F401  (re-exported: callers import it from here)
+from effref.peft.core import find_linears, linear_targets, replace_all, targets_or_default
+from effref.peft.lora import LoraConfig, LoraLinear, apply_lora, lora_targets
 from effref.quantization.basics import pack, unpack
 from effref.runtime import progress_bar
 
-LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 FP8 = torch.float8_e4m3fn  # the 8-bit float of the second quantization level
 FP8_MAX = torch.finfo(FP8).max  # 448
 
@@ -182,24 +183,36 @@ class NF4Linear(nn.Module):
 
 
 def quantize_model_nf4(model: nn.Module, cfg: NF4Config = NF4Config(),
-                       target_modules: tuple[str, ...] = LLAMA_LINEARS, progress: bool = False) -> nn.Module:
-    """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` by an ``NF4Linear``."""
-    targets = {name: m for name, m in find_linears(model, target_modules).items() if isinstance(m, nn.Linear)}
+                       target_modules: tuple[str, ...] | None = None, progress: bool = False) -> nn.Module:
+    """Replace every ``nn.Linear`` whose name ends with one of ``target_modules`` by an ``NF4Linear``.
+
+    ``target_modules=None`` takes every linear of the model's blocks (``effref.peft.core.LAYOUTS``). All layers are
+    quantized before the first one is swapped in, so a failure leaves the model as it was.
+    """
+    targets = linear_targets(model, targets_or_default(model, target_modules, "linears"), "NF4")
     for name, layer in targets.items():  # check every layer before changing any
         if layer.weight.numel() % cfg.block_size:
             raise ValueError(f"block_size={cfg.block_size} does not divide the {tuple(layer.weight.shape)} "
                              f"weight of {name}; pick a divisor of its size such as 64")
-    for name, layer in progress_bar(targets.items(), desc="NF4", unit="layer", disable=not progress):
-        replace_module(model, name, NF4Linear(layer, cfg))
+    quantized = {name: NF4Linear(layer, cfg) for name, layer in
+                 progress_bar(targets.items(), desc="NF4", unit="layer", disable=not progress)}
+    replace_all(model, quantized)
     return model
 
 
 def apply_qlora(model: nn.Module, lora_cfg: LoraConfig, nf4_cfg: NF4Config = NF4Config(),
-                quantize_modules: tuple[str, ...] = LLAMA_LINEARS, progress: bool = False) -> nn.Module:
+                quantize_modules: tuple[str, ...] | None = None, progress: bool = False) -> nn.Module:
     """QLoRA: NF4-quantize ``quantize_modules``, freeze everything, then add LoRA to ``lora_cfg.target_modules``.
 
-    QLoRA puts adapters on every linear of the blocks (pass ``target_modules=LLAMA_LINEARS`` in ``lora_cfg``);
-    embeddings and norms stay in floating point and frozen. Returns ``model`` (modified in place).
+    QLoRA puts adapters on every linear of the blocks (pass ``target_modules="all-linear"`` in ``lora_cfg``);
+    embeddings and norms stay in floating point and frozen. ``quantize_modules=None`` quantizes every linear of
+    the model's blocks. The LoRA targets and ranks are checked before the first layer is quantized, so a failure
+    leaves the model as it was. Returns ``model`` (modified in place).
     """
+    lora_cfg = config_or_default(lora_cfg, LoraConfig, "LoraConfig(r=8, alpha=16)")
+    for name, layer in find_linears(model, lora_targets(model, lora_cfg), skip=(LoraLinear,)).items():
+        if lora_cfg.r > min(layer.in_features, layer.out_features):
+            raise ValueError(f"r={lora_cfg.r} exceeds min(in_features, out_features) = "
+                             f"{min(layer.in_features, layer.out_features)} of layer {name}; pick r <= that")
     quantize_model_nf4(model, nf4_cfg, quantize_modules, progress)
     return apply_lora(model, lora_cfg)
