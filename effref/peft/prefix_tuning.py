@@ -11,6 +11,8 @@ prefixes come from one table E ∈ ℝ^{n×(L·2·n_kv·d_head)} (P-Tuning v2, `
 E' ∈ ℝ^{n×n_kv·d_head} through Linear → tanh → Linear (prefix tuning's MLP, which the paper found to
 stabilise training); after training the MLP can be discarded by storing its output. The real tokens sit
 at positions n … n+T−1 (as when the prefix is a cache); the prefix keys carry no rotary position.
+OPT and GPT-2 take the prefix through the same cache (one key/value head per head); their learned
+absolute positions then also start at n, so n + T must fit their position table.
 Layout of the flat prefix row (shared with peft, so weights copy over): [layer 0 K, layer 0 V, layer 1 K, …].
 Glossary: n ``n_virtual`` · L layers · E ``embedding`` · MLP ``transform`` · K^P, V^P per-layer prefixes.
 Left out: separate prefixes for encoder and decoder of seq2seq models; padding masks.
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.models.calls import is_transformers_model
 from effref.peft.core import freeze_base
 
@@ -42,15 +45,20 @@ class PrefixConfig:
 
 
 def attention_shape(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head width) of a transformers LLaMA-like model or of our Llama."""
+    """(layers, key/value heads, head width) of a transformers decoder (LLaMA-like, OPT, GPT-2) or of our Llama."""
     if is_transformers_model(model):
         c = model.config
-        return c.num_hidden_layers, c.num_key_value_heads, getattr(c, "head_dim", None) or \
-            c.hidden_size // c.num_attention_heads
+        layers, heads, width = (getattr(c, k, None) for k in ("num_hidden_layers", "num_attention_heads",
+                                                               "hidden_size"))
+        if not (layers and heads and width):
+            raise TypeError(f"cannot read the attention shape of {type(model).__name__}: its config lacks "
+                            "num_hidden_layers, num_attention_heads or hidden_size; use a decoder-only causal LM")
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads  # OPT and GPT-2: one key/value head per head
+        return layers, kv_heads, getattr(c, "head_dim", None) or width // heads
     if hasattr(model, "cfg") and hasattr(model.cfg, "n_kv_heads"):
         return model.cfg.n_layers, model.cfg.n_kv_heads, model.cfg.d_head
-    raise TypeError(f"cannot read the attention shape of {type(model).__name__}; use a transformers LLaMA-like "
-                    "causal LM or effref.models.llama.Llama")
+    raise TypeError(f"cannot read the attention shape of {type(model).__name__}; use a transformers causal LM "
+                    "(LLaMA-like, OPT, GPT-2) or effref.models.llama.Llama")
 
 
 class PrefixEncoder(nn.Module):
@@ -118,8 +126,10 @@ class PrefixModel(nn.Module):
 
 def apply_prefix_tuning(model: nn.Module, cfg: PrefixConfig) -> PrefixModel:
     """Freeze ``model`` and return it wrapped with trainable per-layer prefixes."""
+    cfg = config_or_default(cfg, PrefixConfig, "PrefixConfig(n_virtual=10)")
+    wrapped = PrefixModel(model, cfg)  # built first: a model it cannot serve is refused before it is frozen
     freeze_base(model)
-    return PrefixModel(model, cfg)
+    return wrapped
 
 
 def apply_ptuning_v2(model: nn.Module, n_virtual: int = 10) -> PrefixModel:

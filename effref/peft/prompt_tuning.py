@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from effref.checks import config_or_default
 from effref.models.calls import is_transformers_model
 from effref.peft.core import freeze_base
 
@@ -99,7 +100,8 @@ class SoftPromptModel(nn.Module):
     def __init__(self, model: nn.Module, cfg: PromptTuningConfig, init_prompt: torch.Tensor | None = None):
         super().__init__()
         self.model, self.n_virtual = model, cfg.n_virtual
-        table = input_embeddings(model).weight  # (V, d)
+        embed = input_embeddings(model)
+        table = embed.weight  # (V, d)
         g = torch.Generator().manual_seed(cfg.seed)
         if cfg.encoder is not None:
             self.encoder = PromptEncoder(cfg.n_virtual, table.shape[1], cfg.encoder_hidden or table.shape[1],
@@ -111,10 +113,15 @@ class SoftPromptModel(nn.Module):
                     raise ValueError(f"init_prompt has shape {tuple(init_prompt.shape)}; expected "
                                      f"(n_virtual, d) = {(cfg.n_virtual, table.shape[1])}")
                 init = init_prompt
-            elif cfg.init == "vocab":
-                init = table[torch.randint(0, table.shape[0], (cfg.n_virtual,), generator=g)]
+            elif cfg.init == "vocab":  # through the embedding module: Gemma's scales its rows by √d
+                with torch.no_grad():
+                    init = embed(torch.randint(0, table.shape[0], (cfg.n_virtual,), generator=g).to(table.device))
             elif cfg.init == "text":
-                init = table[torch.tensor(cfg.init_ids).repeat(cfg.n_virtual)[:cfg.n_virtual]]
+                if not all(0 <= i < table.shape[0] for i in cfg.init_ids):
+                    raise ValueError(f"init_ids={cfg.init_ids} must be token ids of the model's vocabulary "
+                                     f"(0 … {table.shape[0] - 1})")
+                with torch.no_grad():
+                    init = embed(torch.tensor(cfg.init_ids).repeat(cfg.n_virtual)[:cfg.n_virtual].to(table.device))
             else:
                 init = torch.rand(cfg.n_virtual, table.shape[1], generator=g, dtype=table.dtype) - 0.5
             self.prompt_embedding = nn.Parameter(init.detach().clone().to(table.device))  # P: (n, d)
@@ -138,8 +145,10 @@ def apply_prompt_tuning(model: nn.Module, cfg: PromptTuningConfig,
 
     ``init_prompt`` (n_virtual, d) overrides ``cfg.init`` for prompt tuning.
     """
+    cfg = config_or_default(cfg, PromptTuningConfig, "PromptTuningConfig(n_virtual=20)")
+    wrapped = SoftPromptModel(model, cfg, init_prompt)  # built first: a bad init_prompt leaves the model as it was
     freeze_base(model)
-    return SoftPromptModel(model, cfg, init_prompt)
+    return wrapped
 
 
 def apply_p_tuning(model: nn.Module, n_virtual: int = 20, encoder: str = "lstm",
