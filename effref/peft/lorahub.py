@@ -68,12 +68,13 @@ def lorahub_search(model: nn.Module, modules: list[dict[str, torch.Tensor]], los
     """Find weights w for ``compose_lora`` that minimise ``loss_fn(model) + l1·‖w‖₁``; load the best into ``model``.
 
     ``model`` must already carry LoRA layers of the modules' shape (``apply_lora``); ``loss_fn`` evaluates
-    the model on the few examples of the new task and returns a float.
+    the model on the few examples of the new task and returns a float. If the search fails, the model's LoRA
+    matrices are put back as they were.
     """
     from scipy.optimize import minimize
 
     cfg = config_or_default(cfg, LoraHubConfig, "LoraHubConfig()")
-    lora_state_dict(model)  # raises if the model has no LoRA layers
+    before = lora_state_dict(model)  # raises if the model has no LoRA layers; restored if the search fails
     n = len(modules)
     history: list[float] = []
     low, high = cfg.bounds
@@ -89,7 +90,11 @@ def lorahub_search(model: nn.Module, modules: list[dict[str, torch.Tensor]], los
     options = {"maxfev": cfg.max_evals}
     if cfg.method == "Nelder-Mead":
         options["initial_simplex"] = np.vstack([start, start + cfg.step * np.eye(n)])
-    result = minimize(objective, start, method=cfg.method, options=options)
-    best = np.clip(result.x, low, high)
-    load_lora_state_dict(model, compose_lora(modules, best))
-    return LoraHubResult(weights=best.tolist(), objective=float(objective(best)), history=history)
+    try:
+        result = minimize(objective, start, method=cfg.method, options=options)
+        best = np.clip(result.x, low, high)
+        load_lora_state_dict(model, compose_lora(modules, best))
+        return LoraHubResult(weights=best.tolist(), objective=float(objective(best)), history=history)
+    except BaseException:  # a loss_fn that fails mid-search must not leave a half-searched mixture loaded
+        load_lora_state_dict(model, before)
+        raise

@@ -64,18 +64,22 @@ def spsa_projected_gradient(model: nn.Module, loss_fn: Callable[[], torch.Tensor
                             seed: int) -> tuple[float, float]:
     """Return (p, loss): the projected gradient p = (L(θ+εz) − L(θ−εz))/(2ε) for z drawn from ``seed``.
 
-    The parameters are moved to θ+εz, θ−εz and back to θ (up to float rounding). ``loss_fn()`` evaluates the
-    loss of ``model`` on a fixed batch; it runs twice, without autograd. The second value returned is the
-    mean of the two losses, an estimate of L(θ) for logging.
+    The parameters are moved to θ+εz, θ−εz and back to θ (up to float rounding; also when ``loss_fn`` raises).
+    ``loss_fn()`` evaluates the loss of ``model`` on a fixed batch; it runs twice, without autograd. The second
+    value returned is the mean of the two losses, an estimate of L(θ) for logging.
     """
     if not eps > 0:
         raise ValueError(f"eps={eps} must be > 0; the paper uses eps=1e-3")
     params = _trainable(model)
     _add_direction(params, seed, eps)  # θ + εz
-    loss_plus = float(loss_fn())
-    _add_direction(params, seed, -2 * eps)  # θ − εz
-    loss_minus = float(loss_fn())
-    _add_direction(params, seed, eps)  # back to θ
+    offset = eps  # where the parameters are now, in units of z
+    try:
+        loss_plus = float(loss_fn())
+        _add_direction(params, seed, -2 * eps)  # θ − εz
+        offset = -eps
+        loss_minus = float(loss_fn())
+    finally:
+        _add_direction(params, seed, -offset)  # back to θ (up to rounding), also when loss_fn raised
     return (loss_plus - loss_minus) / (2 * eps), (loss_plus + loss_minus) / 2
 
 
