@@ -99,10 +99,11 @@ class ModelShape:
         """The shape of an ``effref.models.llama.LlamaConfig`` (gated MLP, grouped-query attention, its d_head;
         Qwen2's q/k/v biases, a few thousand numbers, are not counted)."""
         if not isinstance(cfg, LlamaConfig):
-            family = getattr(cfg, "model_type", None)
-            raise TypeError(f"cfg must be effref's LlamaConfig, got {type(cfg).__name__}"
-                            f"{'' if family is None else f' (model_type {family!r})'}; for a transformers model "
-                            f"of a LLaMA-shaped family ({', '.join(LLAMA_SHAPED)}) pass Llama.from_hf(model).cfg; "
+            got = f"{type(cfg).__module__}.{type(cfg).__qualname__}"
+            if getattr(cfg, "model_type", None) is not None:
+                got += f" (model_type {cfg.model_type!r})"
+            raise TypeError(f"cfg must be effref's LlamaConfig, got {got}; for a transformers model of a "
+                            f"LLaMA-shaped family ({', '.join(LLAMA_SHAPED)}) pass Llama.from_hf(model).cfg; "
                             "describe other shapes directly, e.g. OPT as ModelShape(name, n_layers, d_model, "
                             "n_heads, n_heads, ffn_dim, mlp_mats=2) (flexgen.opt(size) for the paper's OPTs)")
         return cls(name, cfg.n_layers, cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.d_ff, mlp_mats=3,
