@@ -3,7 +3,8 @@
 Papers: Touvron et al. (2023), "LLaMA: Open and Efficient Foundation Language Models", arXiv:2302.13971
 (§2.2); Su et al. (2021), "RoFormer", arXiv:2104.09864 (RoPE, Eq. 34); Zhang & Sennrich (2019),
 arXiv:1910.07467 (RMSNorm, Eq. 4); Shazeer (2020), arXiv:2002.05202 (SwiGLU and GeGLU, FFN_SwiGLU in §2);
-Ainslie et al. (2023), arXiv:2305.13245 (grouped-query attention); Gemma Team (2024), arXiv:2403.08295 (§2.2).
+Ainslie et al. (2023), arXiv:2305.13245 (grouped-query attention); Gemma Team (2024), arXiv:2403.08295
+(§2, the architecture).
 Implements: a pre-norm decoder  h = x + Attn(RMSNorm(x)),  out = h + MLP(RMSNorm(h)),  with
   RMSNorm(x) = g ⊙ x / sqrt(mean(x²) + ε),
   RoPE on queries and keys in the "rotate half" layout of Hugging Face LLaMA (so its weights load unpermuted),
