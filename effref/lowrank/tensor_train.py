@@ -60,20 +60,22 @@ def tt_svd(rows: torch.Tensor, dims: tuple[int, ...], ranks: tuple[int, ...],
 class TTEmbedding(nn.Module):
     """An embedding whose rows are tensor trains; ``forward(ids)`` contracts only the requested rows."""
 
-    def __init__(self, num_embeddings: int, dims: tuple[int, ...], ranks: tuple[int, ...]):
+    def __init__(self, num_embeddings: int, dims: tuple[int, ...], ranks: tuple[int, ...], scale: float = 1.0):
         super().__init__()
         check_tt_shape(math.prod(dims), dims, ranks)
         self.num_embeddings, self.embedding_dim = num_embeddings, math.prod(dims)
         self.dims, self.ranks = tuple(dims), tuple(ranks)
+        self.scale = scale  # rows are multiplied by it on the way out (Gemma's sqrt(d_model)); not stored in G
         full = (1, *ranks, 1)
         self.cores = nn.ParameterList(nn.Parameter(torch.zeros(num_embeddings, full[t], d, full[t + 1]))
                                       for t, d in enumerate(dims))  # G_t: (V, r_{t-1}, d_t, r_t)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, dims: tuple[int, ...], ranks: tuple[int, ...]) -> TTEmbedding:
-        """TT-SVD of every row of an embedding table ``weight`` (V, D)."""
+    def from_weight(cls, weight: torch.Tensor, dims: tuple[int, ...], ranks: tuple[int, ...],
+                    scale: float = 1.0) -> TTEmbedding:
+        """TT-SVD of every row of an embedding table ``weight`` (V, D); ``scale`` multiplies the rows looked up."""
         check_tt_shape(weight.shape[1], dims, ranks)
-        module = cls(weight.shape[0], dims, ranks).to(device=weight.device, dtype=weight.dtype)
+        module = cls(weight.shape[0], dims, ranks, scale).to(device=weight.device, dtype=weight.dtype)
         cores, _ = tt_svd(weight.detach(), dims, ranks)
         with torch.no_grad():
             for param, core in zip(module.cores, cores):
@@ -81,6 +83,11 @@ class TTEmbedding(nn.Module):
         return module
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows(ids)  # (..., D)
+        return rows if self.scale == 1.0 else rows * torch.tensor(self.scale, dtype=rows.dtype)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The stored rows of ``ids`` (..., D), without ``scale``."""
         flat = ids.reshape(-1)  # (n,)
         out = self.cores[0][flat][:, 0]  # (n, d_1, r_1)
         for core in self.cores[1:]:
@@ -89,15 +96,15 @@ class TTEmbedding(nn.Module):
         return out.reshape(*ids.shape, self.embedding_dim)  # (..., D)
 
     def reconstruct(self) -> torch.Tensor:
-        """The full (V, D) table — for tests and error measurements only."""
-        return self(torch.arange(self.num_embeddings, device=self.cores[0].device))
+        """The full (V, D) table as stored (without ``scale``) — for tests and error measurements only."""
+        return self.rows(torch.arange(self.num_embeddings, device=self.cores[0].device))
 
     def spec(self) -> dict:
-        return {"num": self.num_embeddings, "dims": list(self.dims), "ranks": list(self.ranks)}
+        return {"num": self.num_embeddings, "dims": list(self.dims), "ranks": list(self.ranks), "scale": self.scale}
 
     @classmethod
     def from_spec(cls, spec: dict) -> TTEmbedding:
-        return cls(spec["num"], tuple(spec["dims"]), tuple(spec["ranks"]))
+        return cls(spec["num"], tuple(spec["dims"]), tuple(spec["ranks"]), spec.get("scale", 1.0))
 
 
 def tt_parameter_count(num_embeddings: int, dims: tuple[int, ...], ranks: tuple[int, ...]) -> int:
@@ -106,12 +113,25 @@ def tt_parameter_count(num_embeddings: int, dims: tuple[int, ...], ranks: tuple[
     return num_embeddings * sum(full[t] * d * full[t + 1] for t, d in enumerate(dims))
 
 
+@torch.no_grad()
+def embedding_scale(embed: nn.Embedding) -> float:
+    """The constant c with embed(i) = c · weight[i], measured on the largest row (Gemma's embeddings return
+    sqrt(d_model) times the stored row); an embedding that is not such a scaled lookup is refused."""
+    i = int(embed.weight.detach().float().norm(dim=1).argmax())
+    row, out = embed.weight[i].float(), embed(torch.tensor([i], device=embed.weight.device))[0].float()
+    c = float(out @ row / (row @ row).clamp(min=1e-30))
+    if not torch.allclose(out, c * row, rtol=1e-2, atol=1e-6 * max(out.abs().max().item(), 1e-6)):
+        raise ValueError(f"{type(embed).__name__} does not return a constant times the stored row; a tensor-train "
+                         "table cannot stand in for it")
+    return 1.0 if math.isclose(c, 1.0, rel_tol=1e-6) else c
+
+
 def tt_compress_embedding(model: nn.Module, dims: tuple[int, ...], ranks: tuple[int, ...]) -> TTEmbedding:
     """Replace ``model``'s input embedding by a ``TTEmbedding`` (the output head keeps its dense weight)."""
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else model.embed
     if not isinstance(embed, nn.Embedding):
         raise TypeError(f"the input embedding is a {type(embed).__name__}, not an nn.Embedding; compress it once")
-    tt = TTEmbedding.from_weight(embed.weight, dims, ranks)
+    tt = TTEmbedding.from_weight(embed.weight, dims, ranks, embedding_scale(embed))
     if hasattr(model, "set_input_embeddings"):
         model.set_input_embeddings(tt)
     else:

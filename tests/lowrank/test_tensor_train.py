@@ -74,3 +74,18 @@ def test_full_rank_embedding_replacement_keeps_the_model_outputs(impl):
 def test_bad_shapes_and_ranks_are_clear_errors(dims, ranks, message):
     with pytest.raises(ValueError, match=message):
         tt_svd(torch.randn(3, 48), dims, ranks)
+
+
+def test_a_scaled_embedding_keeps_its_scale():
+    # Gemma multiplies looked-up rows by sqrt(d_model): the TT table must too, or every logit changes
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16)).eval()
+    ids = torch.arange(64)[None]
+    dense = model.get_input_embeddings()(ids)
+    tt = tt_compress_embedding(model, (8, 8), (8,))  # full rank: exact up to rounding
+    assert tt.scale == pytest.approx(64 ** 0.5, rel=1e-6)
+    torch.testing.assert_close(model.get_input_embeddings()(ids), dense, rtol=1e-4, atol=1e-4)
