@@ -147,7 +147,8 @@ def quantized_cache(model: Llama, batch_size: int, max_len: int | None, cfg: KVQ
     """Model-level: an empty quantized cache shaped for ``model`` (like ``model.new_cache``)."""
     if not isinstance(model, Llama):
         raise TypeError(f"model must be an effref.models.llama.Llama (load_model(..., impl='effref')), got "
-                        f"{type(model).__name__}; transformers models keep their own cache")
+                        f"{type(model).__name__}; convert a LLaMA, Mistral, Qwen2 or Gemma model with "
+                        "Llama.from_hf(model)")
     max_len = model.cfg.max_seq_len if max_len is None else max_len
     if batch_size < 1 or not 1 <= max_len <= model.cfg.max_seq_len:
         raise ValueError(f"batch_size={batch_size}, max_len={max_len}: need batch_size >= 1 and "

@@ -127,3 +127,24 @@ def test_smollm2_shapes_save_what_the_chapter_says():
     cache = QuantizedKVCache(30, 1, 3, 64, 2048, KVQuantConfig(bits=4), device="meta")
     fp16 = 2 * 30 * 3 * 2048 * 64 * 2
     assert math.isclose(fp16 / cache.nbytes, 2 / (0.5 + 3 / 64))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+def test_other_llama_shaped_families_decode_through_the_quantized_cache(family):
+    from tiny_families import FAMILIES
+
+    torch.manual_seed(0)
+    model = Llama.from_hf(FAMILIES[family]().eval())  # Qwen2: q/k/v biases; Gemma: head_dim 16 ≠ 64 / 4
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids)
+        cache = quantized_cache(model, 1, 16, KVQuantConfig(bits=8))
+        decoded = torch.cat([model(ids[:, :10], cache)] + [model(ids[:, t:t + 1], cache) for t in range(10, 16)], 1)
+    assert 0 < (decoded - full).abs().max() < 0.05 * full.abs().max()
+
+
+def test_a_transformers_model_is_refused_with_the_conversion():
+    from tiny_families import FAMILIES
+
+    with pytest.raises(TypeError, match=r"convert a LLaMA, Mistral, Qwen2 or Gemma model with Llama\.from_hf"):
+        quantized_cache(FAMILIES["qwen2"](), 1, 16, KVQuantConfig(bits=8))
