@@ -174,3 +174,15 @@ def human_bytes(n: float) -> str:
 def human_count(n: float) -> str:
     """A count in decimal units with one decimal: 134_515_008 → "134.5 M"; below 1000, the integer."""
     return _human(_check_number("n", n), 1000, ["", "K", "M", "B", "T"])
+
+
+def glue(name: str, value):
+    """Hand a computed number to the rendered book's prose and return it: MyST-NB's ``{glue:text}`name:.1f```
+    shows it, formatted by the spec after the colon. Without MyST-NB (Colab, plain Jupyter) it only returns it."""
+    value = value.item() if hasattr(value, "item") else value  # a torch or numpy scalar → a Python number
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        return value
+    myst_glue(name, value, display=False)
+    return value

@@ -244,9 +244,14 @@ def adapters_of(model: nn.Module, kind: type) -> dict[str, nn.Module]:
     """{name: module} of adapter type ``kind`` in ``model``; ValueError naming the fix if there is none."""
     found = {name: m for name, m in model.named_modules() if isinstance(m, kind)}
     if not found:
+        others = sorted({type(m).__name__ for m in model.modules()
+                         if type(m).__module__.startswith("effref.peft.") and m is not model})
+        if others:  # adapters of another kind are there: say so, rather than "apply the method first"
+            raise ValueError(f"{type(model).__name__} has {', '.join(others)} layers but no {kind.__name__} "
+                             "layers; only adapters that fold into a weight (LoRA and its variants, (IA)³) can "
+                             "be merged — keep these adapters as they are")
         raise ValueError(f"{type(model).__name__} has no {kind.__name__} layers; apply the method first "
-                         f"(e.g. apply_lora(model, LoraConfig())) — or it cannot be merged: only adapters that "
-                         "fold into a weight (LoRA and its variants, (IA)³) support merge/unmerge")
+                         f"(e.g. apply_lora(model, LoraConfig()))")
     return found
 
 
