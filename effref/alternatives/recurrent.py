@@ -1,0 +1,148 @@
+"""What the recurrent alternatives to attention share: linear scans, a constant-size state, generation, files.
+
+Mamba's selective scan and S4's recurrence are both the first-order linear recurrence
+
+    h_t = a_t ⊙ h_{t−1} + b_t,          t = 0 … T−1,  h_{−1} = h0 (zeros when absent),
+
+with a_t, b_t known for every t before the scan starts (they depend on the input, not on h). A loop computes it
+in T dependent steps. Because (a, b) pairs compose associatively — applying (a₁, b₁) and then (a₂, b₂) is the
+pair (a₂a₁, a₂b₁ + b₂) — it can also be computed in ⌈log₂ T⌉ whole-tensor steps (Hillis & Steele's doubling
+scan; Blelloch 1990 for the work-efficient variant, Martin & Cundy 2018 for its use in linear RNNs, Gu & Dao 2023
+§3.3.2 for Mamba's). Each step halves the remaining distance: after step k, position t holds the composition of
+the 2^k pairs ending at t. That is O(T log T) work instead of O(T), but every step is one vectorised operation,
+which is what training on a CPU or GPU wants; generation uses the loop with T = 1.
+
+The models of this subpackage also share a protocol: ``model(ids, state)`` continues the sequence summarised by
+``state`` (a small object of per-layer tensors whose size does not grow with the sequence, unlike a KV cache),
+``model.new_state(batch_size)`` makes an empty one, and :class:`RecurrentLM` provides greedy or sampled
+generation and exact save / load on top of that.
+
+Glossary: a (decay, e.g. exp(Δ A) in Mamba) · b (input, e.g. Δ B x) · h state · T sequence length · t time step.
+Left out: the work-efficient (Blelloch) up-sweep/down-sweep and the hardware-aware fused kernel of Mamba
+(the state lives in SRAM only); on CPU the doubling scan is the readable choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+_META_KEY = "effref.alternatives"
+
+
+def _check_scan_inputs(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None) -> None:
+    if a.shape != b.shape or a.ndim < 2:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must have one shape (B, T, ...); "
+                         "broadcast them before scanning")
+    if h0 is not None and (h0.shape[0] != a.shape[0] or h0.shape[1:] != a.shape[2:]):
+        raise ValueError(f"h0 {tuple(h0.shape)} must be a's shape without the time axis, "
+                         f"{(a.shape[0], *a.shape[2:])}")
+
+
+def scan_sequential(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """Every state h_t = a_t ⊙ h_{t−1} + b_t for a, b of shape (B, T, ...), by a loop over t: (B, T, ...)."""
+    _check_scan_inputs(a, b, h0)
+    h = torch.zeros_like(b[:, 0]) if h0 is None else h0  # (B, ...)
+    states = []
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]  # (B, ...)
+        states.append(h)
+    return torch.stack(states, dim=1)  # (B, T, ...)
+
+
+def scan_parallel(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """The same states as :func:`scan_sequential`, by ⌈log₂ T⌉ doubling steps (Hillis–Steele): (B, T, ...)."""
+    _check_scan_inputs(a, b, h0)
+    if h0 is not None:  # fold the initial state into the first input: h_0 = a_0 h0 + b_0
+        b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
+    step = 1
+    while step < a.shape[1]:
+        # position t composes its pair with the pair `step` earlier: (a, b)_t ← (a_t a_{t−s}, a_t b_{t−s} + b_t)
+        b = torch.cat([b[:, :step], a[:, step:] * b[:, :-step] + b[:, step:]], dim=1)  # (B, T, ...)
+        a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], dim=1)  # (B, T, ...)
+        step *= 2
+    return b  # (B, T, ...): b_t now composes pairs 0 … t, i.e. h_t
+
+
+class RecurrentLM(nn.Module):
+    """A language model whose whole past is a constant-size state: ``model(ids, state)``, ``new_state``.
+
+    Subclasses define ``cfg`` (a dataclass), ``forward(input_ids, state=None)`` returning logits (B, T, vocab)
+    and updating ``state`` in place, and ``new_state(batch_size)``.
+    """
+
+    cfg: object
+    config_type: type  # the config dataclass, so that ``load`` can rebuild the model from a file
+
+    def num_parameters(self) -> int:
+        """Number of distinct parameters (tied embeddings counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse anything but integer token ids (B, T ≥ 1) inside the vocabulary, naming the fix."""
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+            raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
+                             f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
+        low, high = input_ids.min().item(), input_ids.max().item()
+        if low < 0 or high >= self.cfg.vocab_size:
+            raise ValueError(f"input_ids hold token ids from {low} to {high}, outside this model's vocabulary "
+                             f"0..{self.cfg.vocab_size - 1}; tokenize with the model's own tokenizer")
+
+    @torch.no_grad()
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int | None = None,
+                        generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sequence, (B,): one pass over the prompt, then one step per token,
+        each step reading and updating only the fixed-size state. Greedy when ``temperature == 0``; else
+        sampled from softmax(logits / temperature), restricted to the ``top_k`` most likely tokens if given."""
+        if max_new_tokens < 0 or temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"max_new_tokens={max_new_tokens}, temperature={temperature}, top_k={top_k}: "
+                             "need max_new_tokens >= 0, temperature >= 0 and top_k >= 1 (or None)")
+        self.check_ids(input_ids)
+        state = self.new_state(input_ids.shape[0])
+        logits = self(input_ids, state)[:, -1]  # (B, vocab)
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(dim=-1)  # (B,)
+            else:
+                logits = logits.float() / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]  # (B,)
+            yield token
+            if step + 1 < max_new_tokens:
+                logits = self(token[:, None], state)[:, -1]  # (B, vocab)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The prompt followed by ``max_new_tokens`` tokens, (B, T + new); see ``generate_stream``."""
+        new = [t[:, None] for t in self.generate_stream(input_ids, max_new_tokens, temperature, top_k, generator)]
+        return torch.cat([input_ids, *new], dim=1)  # (B, T + new)
+
+    def save(self, path: str | Path) -> int:
+        """Write the weights and the config to ``path`` (safetensors, bit for bit); return the file size."""
+        path = Path(path)
+        meta = {"class": type(self).__name__, "config": dataclasses.asdict(self.cfg)}
+        save_model(self, str(path), metadata={_META_KEY: json.dumps(meta)})  # tied tensors stored once
+        return path.stat().st_size
+
+    @classmethod
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> RecurrentLM:
+        """The model ``save`` wrote to ``path``, rebuilt from its config, every tensor loaded (strict)."""
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
+        if meta is None or meta.get("class") != cls.__name__:
+            found = "no effref model" if meta is None else f"a {meta.get('class')}"
+            raise ValueError(f"{path} holds {found}, not a {cls.__name__}; load it with the class that saved it")
+        model = cls(cls.config_type(**meta["config"])).to(device)
+        load_model(model, str(path), strict=True, device=str(device))  # tied tensors restored from one copy
+        return model.eval()
