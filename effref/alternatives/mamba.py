@@ -186,7 +186,12 @@ class MambaMixer(nn.Module):
         u = torch.cat([past.to(u.dtype), u], dim=-1)  # (B, D, k − 1 + T)
         if state is not None:
             state.conv[self.layer] = u[:, :, u.shape[-1] - (k - 1):]  # (B, D, k − 1)
-        u = F.silu(self.conv1d(u)).transpose(1, 2)  # (B, T, D)
+        # what self.conv1d computes, written out (its CPU path is slow on the tiny inputs of a decoding step)
+        windows = u.unfold(-1, k, 1)  # (B, D, T, k): window t holds u_{t−k+1} … u_t
+        u = (windows * self.conv1d.weight).sum(-1)  # (B, D, T): weight (D, 1, k), one filter per channel
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias[:, None]
+        u = F.silu(u).transpose(1, 2)  # (B, T, D)
         dt, B, C = self.x_proj(u).split([self.cfg.dt_rank, self.cfg.d_state, self.cfg.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt)).float()  # (B, T, D)   Δ > 0
         A = -torch.exp(self.A_log.float())  # (D, N)   A < 0: the state decays

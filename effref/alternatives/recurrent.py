@@ -6,11 +6,11 @@ Mamba's selective scan and S4's recurrence are both the first-order linear recur
 
 with a_t, b_t known for every t before the scan starts (they depend on the input, not on h). A loop computes it
 in T dependent steps. Because (a, b) pairs compose associatively — applying (a₁, b₁) and then (a₂, b₂) is the
-pair (a₂a₁, a₂b₁ + b₂) — it can also be computed in ⌈log₂ T⌉ whole-tensor steps (Hillis & Steele's doubling
-scan; Blelloch 1990 for the work-efficient variant, Martin & Cundy 2018 for its use in linear RNNs, Gu & Dao 2023
-§3.3.2 for Mamba's). Each step halves the remaining distance: after step k, position t holds the composition of
-the 2^k pairs ending at t. That is O(T log T) work instead of O(T), but every step is one vectorised operation,
-which is what training on a CPU or GPU wants; generation uses the loop with T = 1.
+pair (a₂a₁, a₂b₁ + b₂) — it can also be computed in O(log T) rounds of whole-tensor operations (Blelloch 1990;
+Martin & Cundy 2018 for linear RNNs; Gu & Dao 2023 §3.3.2 for Mamba). ``scan_parallel`` is the work-efficient
+odd–even form: compose neighbouring pairs, scan the half-length sequence of composites, fill in the rest. It does
+O(T) work like the loop, but in 2⌈log₂ T⌉ vectorised steps instead of T small ones, which is what training
+wants; generation uses the loop with T = 1.
 
 The models of this subpackage also share a protocol: ``model(ids, state)`` continues the sequence summarised by
 ``state`` (a small object of per-layer tensors whose size does not grow with the sequence, unlike a KV cache),
@@ -18,8 +18,8 @@ The models of this subpackage also share a protocol: ``model(ids, state)`` conti
 generation and exact save / load on top of that.
 
 Glossary: a (decay, e.g. exp(Δ A) in Mamba) · b (input, e.g. Δ B x) · h state · T sequence length · t time step.
-Left out: the work-efficient (Blelloch) up-sweep/down-sweep and the hardware-aware fused kernel of Mamba
-(the state lives in SRAM only); on CPU the doubling scan is the readable choice.
+Left out: the hardware-aware fused kernel of Mamba (the expanded state lives in SRAM only, never in main memory)
+and the in-place up-sweep / down-sweep formulation of the same scan.
 """
 
 from __future__ import annotations
@@ -58,17 +58,32 @@ def scan_sequential(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = 
 
 
 def scan_parallel(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None) -> torch.Tensor:
-    """The same states as :func:`scan_sequential`, by ⌈log₂ T⌉ doubling steps (Hillis–Steele): (B, T, ...)."""
+    """The same states as :func:`scan_sequential` by the work-efficient odd–even scan: (B, T, ...).
+
+    Compose each even/odd neighbour pair into one pair, scan the T/2 composites (recursively: that gives every
+    odd state), then fill in every even state from the odd one before it. O(T) work, 2⌈log₂ T⌉ levels.
+    """
     _check_scan_inputs(a, b, h0)
     if h0 is not None:  # fold the initial state into the first input: h_0 = a_0 h0 + b_0
         b = torch.cat([b[:, :1] + a[:, :1] * h0[:, None], b[:, 1:]], dim=1)
-    step = 1
-    while step < a.shape[1]:
-        # position t composes its pair with the pair `step` earlier: (a, b)_t ← (a_t a_{t−s}, a_t b_{t−s} + b_t)
-        b = torch.cat([b[:, :step], a[:, step:] * b[:, :-step] + b[:, step:]], dim=1)  # (B, T, ...)
-        a = torch.cat([a[:, :step], a[:, step:] * a[:, :-step]], dim=1)  # (B, T, ...)
-        step *= 2
-    return b  # (B, T, ...): b_t now composes pairs 0 … t, i.e. h_t
+    return _odd_even_scan(a, b)
+
+
+def _odd_even_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    T = a.shape[1]
+    if T == 1:
+        return b  # h_0 = b_0
+    if T % 2:  # pad with the identity pair (a = 1, b = 0) to an even length
+        a = torch.cat([a, torch.ones_like(a[:, :1])], dim=1)
+        b = torch.cat([b, torch.zeros_like(b[:, :1])], dim=1)
+    a_even, a_odd = a.unflatten(1, (-1, 2)).unbind(2)  # (B, ⌈T/2⌉, ...) each: a_{2k}, a_{2k+1}
+    b_even, b_odd = b.unflatten(1, (-1, 2)).unbind(2)  # (unbind, not strided slices: a cheaper backward)
+    # (a, b)_{2k} then (a, b)_{2k+1} is one pair (a_{2k+1} a_{2k}, a_{2k+1} b_{2k} + b_{2k+1}); scanning those
+    # composites gives h_1, h_3, h_5, …
+    h_odd = _odd_even_scan(a_odd * a_even, a_odd * b_even + b_odd)  # (B, ⌈T/2⌉, ...)
+    h_before = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)  # h_{2k−1} (h_{−1} = 0)
+    h_even = a_even * h_before + b_even  # h_{2k} = a_{2k} h_{2k−1} + b_{2k}
+    return torch.stack([h_even, h_odd], dim=2).flatten(1, 2)[:, :T]  # interleave: (B, T, ...)
 
 
 class RecurrentLM(nn.Module):

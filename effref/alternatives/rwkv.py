@@ -48,7 +48,7 @@ class RWKVConfig:
     d_ff: int | None = None  # None: 4 · d_model
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
-    chunk: int = 128  # the parallel form's tokens per chunk: memory O(chunk² · C) per layer
+    chunk: int = 16  # the parallel form's tokens per chunk: work and memory O(T · chunk · C) per layer
 
     def __post_init__(self) -> None:
         self.d_attn = self.d_model if self.d_attn is None else self.d_attn
