@@ -33,9 +33,10 @@ class PretrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at this fraction of the peak learning rate
     max_grad_norm: float | None = 1.0  # global-norm clipping, None for none
     seed: int = 0  # draws the windows (and Sophia's sampled labels)
+    micro_batches: int = 1  # k: backward of loss / k, one micro-batch's share of a k-times larger batch
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len"):
+        for name in ("steps", "batch_size", "seq_len", "micro_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be an integer ≥ 1")
@@ -106,6 +107,11 @@ def pretrain(model: nn.Module, ids: torch.Tensor, trainer: torch.optim.Optimizer
     ``trainer`` is an optimizer over ``model``'s parameters (fp32 training; Sophia gets its Hessian refreshed every
     ``hessian_every`` steps) or a :class:`MixedPrecision` wrapping ``model``. The learning rate of every parameter
     group follows ``cfg.lr_factor`` times the group's ``lr`` at the call.
+
+    With ``cfg.micro_batches = k > 1`` the backward runs on loss / k: exactly the backward of one micro-batch when
+    k of them are accumulated into one step (every per-token gradient k times smaller, as in a k-times larger
+    batch), and the update then uses that gradient alone. This shows in a small run what fp16 sees at large batch
+    sizes; Adam-type updates see the smaller gradient only through ε.
     """
     cfg = config_or_default(cfg, PretrainConfig, "PretrainConfig(steps=100)")
     _check(model, ids, trainer, cfg)
@@ -124,14 +130,15 @@ def pretrain(model: nn.Module, ids: torch.Tensor, trainer: torch.optim.Optimizer
             _, logits = next_token_loss(model, window)  # a fresh graph for the estimator
             optimizer.refresh_hessian(logits, window[:, 1:], generator)
         loss, _ = next_token_loss(model, window)
+        share = loss / cfg.micro_batches if cfg.micro_batches > 1 else loss
         if isinstance(trainer, MixedPrecision):
-            trainer.backward(loss)
+            trainer.backward(share)
             record = trainer.step(cfg.max_grad_norm)
             result.scales.append(record.scale)
             result.skipped.append(record.skipped)
         else:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            share.backward()
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
