@@ -1,4 +1,4 @@
-"""What the recurrent alternatives to attention share: linear scans, a constant-size state, generation, files.
+"""What the alternatives to attention share: linear scans, long convolutions, a constant-size state, generation.
 
 Mamba's selective scan and S4's recurrence are both the first-order linear recurrence
 
@@ -11,6 +11,10 @@ Martin & Cundy 2018 for linear RNNs; Gu & Dao 2023 §3.3.2 for Mamba). ``scan_pa
 odd–even form: compose neighbouring pairs, scan the half-length sequence of composites, fill in the rest. It does
 O(T) work like the loop, but in 2⌈log₂ T⌉ vectorised steps instead of T small ones, which is what training
 wants; generation uses the loop with T = 1.
+
+S4, DSS and Hyena use the other face of a linear time-invariant layer: a causal convolution y = K ∗ u of the whole
+sequence with a kernel as long as the sequence, which ``causal_conv_fft`` computes in O(L log L) through the FFT and
+``causal_conv_direct`` term by term in O(L²).
 
 The models of this subpackage also share a protocol: ``model(ids, state)`` continues the sequence summarised by
 ``state`` (a small object of per-layer tensors whose size does not grow with the sequence, unlike a KV cache),
@@ -84,6 +88,23 @@ def _odd_even_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     h_before = torch.cat([torch.zeros_like(h_odd[:, :1]), h_odd[:, :-1]], dim=1)  # h_{2k−1} (h_{−1} = 0)
     h_even = a_even * h_before + b_even  # h_{2k} = a_{2k} h_{2k−1} + b_{2k}
     return torch.stack([h_even, h_odd], dim=2).flatten(1, 2)[:, :T]  # interleave: (B, T, ...)
+
+
+def causal_conv_direct(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y_t = Σ_{j ≤ t} k_j u_{t−j} over the last axis, term by term: O(L²). u (..., L), k broadcastable to it."""
+    L = u.shape[-1]
+    y = torch.zeros(torch.broadcast_shapes(u.shape, k.shape), dtype=torch.result_type(u, k), device=u.device)
+    for j in range(L):  # the contribution of lag j to every position t ≥ j
+        y[..., j:] += k[..., j:j + 1] * u[..., :L - j]
+    return y  # (..., L)
+
+
+def causal_conv_fft(u: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """The same causal convolution through the FFT in O(L log L): both zero-padded to 2L, so that the circular
+    convolution the FFT computes never wraps the end of the sequence onto its beginning. Real inputs."""
+    L = u.shape[-1]
+    spectrum = torch.fft.rfft(u, n=2 * L) * torch.fft.rfft(k, n=2 * L)  # (..., L + 1)
+    return torch.fft.irfft(spectrum, n=2 * L)[..., :L]  # (..., L)
 
 
 class RecurrentLM(nn.Module):
