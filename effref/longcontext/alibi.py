@@ -3,7 +3,7 @@
 Paper: Press, Smith, Lewis (2022), "Train Short, Test Long: Attention with Linear Biases Enables Input Length
 Extrapolation", ICLR 2022, arXiv:2108.12409 — §3 (the bias and the head slopes).
 Implements: no rotation and no position embedding; head h adds a penalty linear in the distance to its scores,
-  softmax(q_i kᵀ / √d + m_h · [−(i − 1), …, −2, −1, 0])  (Eq. in §3; future keys masked),
+  softmax(q_i kᵀ / √d + m_h · [−(i − 1), …, −2, −1, 0])  (§3; future keys masked),
 with geometric slopes m_h = 2^(−8h/H), h = 1..H (H = 8: 1/2, 1/4, …, 1/256). When H is not a power of two,
 the paper's code takes the 2^⌊log₂ H⌋ slopes of that power of two, then every other slope of the next power of
 two (2^(−4h/2^⌊log₂ H⌋), odd h) until there are H.

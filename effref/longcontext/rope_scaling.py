@@ -1,10 +1,10 @@
 """Scaled RoPE: position interpolation, NTK-aware scaling, dynamic NTK and YaRN.
 
 Papers: Chen, Wong, Chen, Tian (2023), "Extending Context Window of Large Language Models via Positional
-Interpolation", arXiv:2306.15595 — Eq. 4 (PI); bloc97 (2023), "NTK-Aware Scaled RoPE", Reddit r/LocalLLaMA
+Interpolation", arXiv:2306.15595 (PI); bloc97 (2023), "NTK-Aware Scaled RoPE", Reddit r/LocalLLaMA
 (the base change; its dynamic form by emozilla, as YaRN §3.3 writes it); Peng, Quesnelle, Fan, Shippole
-(2023), "YaRN: Efficient Context Window Extension of Large Language Models", arXiv:2309.00071 — §3.2 Eq. 16–18
-(NTK-by-parts ramp), §3.4 Eq. 22 (temperature).
+(2023), "YaRN: Efficient Context Window Extension of Large Language Models", arXiv:2309.00071 — §3.2
+(NTK-by-parts ramp), §3.4 (temperature).
 Implements: RoPE turns pair i of a query or key at position m by the angle m·θ_i, θ_i = θ^(−2i/d); a model
 trained on L positions has seen angles up to L·θ_i only. To run at L' = s·L each method changes θ_i:
   linear (PI)  θ_i / s: position m is read as m / s, so every angle stays inside the trained range;
@@ -105,7 +105,7 @@ def dynamic_factor(factor: float, original_len: int, seq_len: int) -> float:
 
 
 def yarn_attention_factor(factor: float) -> float:
-    """YaRN Eq. 22: √(1/t) = 0.1 ln s + 1, the factor on cos and sin (1 when s ≤ 1)."""
+    """YaRN's temperature (§3.4): √(1/t) = 0.1 ln s + 1, the factor on cos and sin (1 when s ≤ 1)."""
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
@@ -136,7 +136,7 @@ def scaled_inv_freq(d_head: int, theta: float, scaling: RopeScaling,
     if scaling.kind == "none":
         return base, 1.0
     if scaling.kind == "linear":
-        return base / s, 1.0  # PI Eq. 4: f(x, m / s) turns pair i by (m / s) θ_i
+        return base / s, 1.0  # PI: f(x, m / s) turns pair i by (m / s) θ_i
     if scaling.kind == "ntk":
         return rope_inv_freq(d_head, ntk_theta(theta, d_head, s)), 1.0
     if scaling.kind == "dynamic":
@@ -144,7 +144,7 @@ def scaled_inv_freq(d_head: int, theta: float, scaling: RopeScaling,
         s_now = dynamic_factor(s, scaling.original_len, length)
         return rope_inv_freq(d_head, ntk_theta(theta, d_head, s_now)), 1.0
     keep = yarn_keep(d_head, theta, scaling)  # kind == "yarn"
-    inv_freq = base / s * (1 - keep) + base * keep  # Eq. 18: h(θ_i) = (1 − γ_i) θ_i / s + γ_i θ_i
+    inv_freq = base / s * (1 - keep) + base * keep  # h(θ_i) = (1 − γ_i) θ_i / s + γ_i θ_i
     mscale = yarn_attention_factor(s) if scaling.attention_factor is None else float(scaling.attention_factor)
     return inv_freq, mscale
 
