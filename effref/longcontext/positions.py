@@ -32,16 +32,16 @@ def install_rope_tables(model: Llama, cos: torch.Tensor, sin: torch.Tensor) -> L
     """Make ``model`` rotate with the tables ``cos``, ``sin`` (max_len, d_head); returns the model.
 
     The context length ``model.cfg.max_seq_len`` becomes ``max_len`` (the model refuses longer inputs), and
-    the tables move to the model's device. The weights are untouched.
+    the tables take the device and dtype of the model's own. The weights are untouched.
     """
     require_llama(model, "model")
     d_head = model.cfg.d_head
     if cos.ndim != 2 or cos.shape != sin.shape or cos.shape[1] != d_head or cos.shape[0] < 1:
         raise ValueError(f"cos and sin must both have shape (max_len, d_head={d_head}) with max_len >= 1, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}; build them for this model's head size")
-    device = model.rope_cos.device
-    model.rope_cos = cos.to(device=device, dtype=torch.float32)  # registered buffers: replaced, not added
-    model.rope_sin = sin.to(device=device, dtype=torch.float32)
+    device, dtype = model.rope_cos.device, model.rope_cos.dtype  # as the model keeps its own (bf16 after .to)
+    model.rope_cos = cos.to(device=device, dtype=dtype)  # registered buffers: replaced, not added
+    model.rope_sin = sin.to(device=device, dtype=dtype)
     model.cfg = dataclasses.replace(model.cfg, max_seq_len=cos.shape[0])
     return model
 

@@ -221,7 +221,8 @@ def scaling_from_hf(hf_config: transformers.PretrainedConfig) -> RopeScaling:
 
 def llama_from_hf_scaled(hf_model: transformers.PreTrainedModel, max_len: int | None = None) -> Llama:
     """Our Llama from a transformers LLaMA-family model whose config scales RoPE (linear, dynamic, yarn), with
-    the same tables; ``max_len`` defaults to the config's ``max_position_embeddings``.
+    the same tables; ``max_len`` defaults to the config's ``max_position_embeddings`` (for ``dynamic`` that is
+    the trained length, where nothing is scaled yet: pass the length you will run at).
 
     ``Llama.from_hf`` converts default-RoPE models only: it is given the config with the default RoPE, and the
     scaled tables are installed afterwards.

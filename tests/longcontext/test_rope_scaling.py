@@ -127,6 +127,14 @@ def test_no_scaling_restores_the_trained_model(make_llama, make_ids):
         torch.testing.assert_close(model(x), before, rtol=0, atol=0)
 
 
+def test_a_bf16_model_keeps_bf16_tables(make_llama, make_ids):
+    model = make_llama().to(torch.bfloat16)
+    use_rope_scaling(model, RopeScaling("yarn", 4.0, original_len=64), max_len=256)
+    assert model.rope_cos.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert model(make_ids(200)).dtype == torch.bfloat16
+
+
 def test_ntk_theta_formula():
     assert ntk_theta(10000.0, 128, 4.0) == pytest.approx(10000.0 * 4.0 ** (128 / 126))
 
