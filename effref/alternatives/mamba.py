@@ -2,7 +2,7 @@
 
 Paper: Gu & Dao (2023), "Mamba: Linear-Time Sequence Modeling with Selective State Spaces", arXiv:2312.00752 —
 §2 Eq. 1–4 (SSM and its discretisation), §3.2 Algorithm 2 (the selection mechanism), §3.3.2 (the scan), §3.4 and
-Figure 3 (the block), §3.6 / Appendix E.2 (initialisation).
+Figure 3 (the block), §3.6 (initialisation).
 Implements, for every channel d of the inner width D and state index n:
   Δ_t = softplus(W_Δ (W_R u_t) + b_Δ)              input-dependent step, through a rank-R bottleneck (Alg. 2)
   B_t = W_B u_t,  C_t = W_C u_t                    input-dependent, shared by all channels (Alg. 2)
@@ -55,7 +55,7 @@ class MambaConfig:
     proj_bias: bool = False  # biases on in_proj and out_proj
     tie_embeddings: bool = True
     scan: str = "parallel"  # how a forward pass over T > 1 tokens runs the SSM: "parallel" or "sequential"
-    dt_min: float = 1e-3  # initial Δ is log-uniform in [dt_min, dt_max] (Appendix E.2)
+    dt_min: float = 1e-3  # initial Δ is log-uniform in [dt_min, dt_max] (§3.6)
     dt_max: float = 0.1
 
     def __post_init__(self) -> None:
@@ -171,7 +171,7 @@ class MambaMixer(nn.Module):
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(D, 1))  # (D, N)
         self.D = nn.Parameter(torch.ones(D))  # skip connection
         self.out_proj = nn.Linear(D, cfg.d_model, bias=cfg.proj_bias)
-        with torch.no_grad():  # Appendix E.2: Δ starts log-uniform in [dt_min, dt_max]; b_Δ = softplus⁻¹(Δ)
+        with torch.no_grad():  # §3.6: Δ starts log-uniform in [dt_min, dt_max]; b_Δ = softplus⁻¹(Δ)
             nn.init.uniform_(self.dt_proj.weight, -R**-0.5, R**-0.5)
             dt = torch.exp(torch.rand(D) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))

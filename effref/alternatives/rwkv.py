@@ -231,7 +231,7 @@ class RWKV(RecurrentLM):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        nn.init.uniform_(self.embed.weight, -1e-4, 1e-4)  # §3: small embeddings, then LN₀
+        nn.init.uniform_(self.embed.weight, -1e-4, 1e-4)  # the paper's small-init embedding, then LN₀
         self.blocks = nn.ModuleList(RWKVBlock(cfg, i) for i in range(cfg.n_layers))
         self.ln_out = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)

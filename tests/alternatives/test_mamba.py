@@ -47,7 +47,8 @@ def random_ssm_inputs(T: int, seed: int = 0):
     batch, D, N = 2, 6, 4
     u, delta = torch.randn(batch, T, D, generator=g), torch.rand(batch, T, D, generator=g) * 0.5
     A = -torch.rand(D, N, generator=g) * 2
-    B, C, Dskip = torch.randn(batch, T, N, generator=g), torch.randn(batch, T, N, generator=g), torch.randn(D, generator=g)
+    B, C = torch.randn(batch, T, N, generator=g), torch.randn(batch, T, N, generator=g)
+    Dskip = torch.randn(D, generator=g)
     return u, delta, A, B, C, Dskip
 
 

@@ -11,7 +11,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_complex(n: int, g: torch.Generator) -> torch.Tensor:
-    return torch.complex(torch.randn(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64))
+    real, imag = (torch.randn(n, generator=g, dtype=torch.float64) for _ in range(2))
+    return torch.complex(real, imag)
+
+
+def stable_eigenvalues(n: int, g: torch.Generator) -> torch.Tensor:
+    """λ with negative real parts (a decaying state) and arbitrary frequencies."""
+    return torch.complex(-torch.rand(n, generator=g, dtype=torch.float64), torch.randn(n, generator=g, dtype=torch.float64))
 
 
 def test_hippo_legs_by_its_formula():
@@ -41,7 +47,7 @@ def test_s4_kernel_equals_powers_of_the_discretised_matrix(init, L):
         Lambda, P, B, _ = hippo_dplr(N)
         Q = P
     else:
-        Lambda = torch.complex(-torch.rand(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64))
+        Lambda = stable_eigenvalues(N, g)
         P, Q, B = random_complex(N, g) * 0.3, random_complex(N, g) * 0.3, random_complex(N, g)
     C = random_complex(N, g)
     Ab, Bb = discretize_bilinear(torch.diag(Lambda) - torch.outer(P, Q.conj()), B, step)
@@ -53,7 +59,7 @@ def test_s4_kernel_equals_powers_of_the_discretised_matrix(init, L):
 def test_dss_kernel_equals_powers_of_the_zoh_matrix():
     g = torch.Generator().manual_seed(0)
     N, L, step = 12, 64, 0.1
-    Lambda = torch.complex(-torch.rand(N, generator=g, dtype=torch.float64), torch.randn(N, generator=g, dtype=torch.float64))
+    Lambda = stable_eigenvalues(N, g)
     B, C = random_complex(N, g), random_complex(N, g)
     a, Bb = discretize_zoh(Lambda, B, step)
     # the zero-order hold by its definition: Ā = exp(ΔA) as a matrix exponential, B̄ = A⁻¹(Ā − I) B
