@@ -7,14 +7,13 @@ here a uniformly random composition), chunk i starting at st_i = Σ_{j<i} l_j. E
   u_i ~ U{u_{i−1}, …, L_t − L_c}   (u_{−1} = 0; u_i ≥ u_{i−1} keeps chunks from overlapping),
 and the position ids  PoSE(c_i) = {u_i + st_i, …, u_i + st_i + l_i − 1}.  Every id is < L_t, ids increase, and
 over many draws every relative distance up to L_t − 1 occurs: the model learns L_t's positions at L_c's cost.
-The content of each chunk is the text at those very positions (the paper's v_i = u_i variant): the token with
-id p is x[a + p] and its label x[a + p + 1], for a random start a.
+The content of each chunk is the text at those very positions (content skips v_i = u_i, one of the choices the
+paper discusses): the token with id p is x[a + p] and its label x[a + p + 1], for a random start a.
 ``train_context`` is the next-token training loop of the chapter, plain (windows of L_c) or with PoSE.
 Glossary: L_c window, the tokens per training sequence · L_t target_len · N n_chunks · l_i chunk lengths
           · st_i chunk starts · u_i skipping biases · a start of the excerpt in the text.
-Left out: sampling the content skips v_i independently of u_i (the paper finds the choice matters little),
-          and combining with an interpolation (use rope_scaling.py's tables on the same model, as the paper does
-          with PI, NTK and YaRN).
+Left out: content skips v_i sampled independently of u_i, and the interpolation PoSE is combined with
+          (install rope_scaling.py's tables on the same model first, as the paper does with PI, NTK and YaRN).
 """
 
 from __future__ import annotations
