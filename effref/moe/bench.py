@@ -29,28 +29,38 @@ from effref.runtime import progress_bar
 
 def tiny_pair(vocab_size: int = 256, d_model: int = 64, n_layers: int = 2, n_heads: int = 4, d_ff: int = 128,
               n_experts: int = 8, top_k: int = 1, max_seq_len: int = 256, seed: int = 0) -> tuple[Mixtral, Llama]:
-    """(MoE with E experts of width F, dense model with one MLP of width K · F), same seed for shared parts."""
+    """(MoE with E experts of width F, dense model with one MLP of width K · F); everything but the MLPs (embedding,
+    attention, norms) starts from the same weights in both."""
     common = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_heads,
                   max_seq_len=max_seq_len, tie_embeddings=True)
     torch.manual_seed(seed)
     moe = Mixtral(MixtralConfig(**common, d_ff=d_ff, n_experts=n_experts, top_k=top_k))
-    torch.manual_seed(seed)
     dense = Llama(LlamaConfig(**common, d_ff=top_k * d_ff))
+    shared = {name: w for name, w in dense.state_dict().items() if ".mlp." not in name}
+    missing, unexpected = moe.load_state_dict(shared, strict=False)
+    assert not unexpected and all(".mlp." in name for name in missing)
     return moe, dense
 
 
 @dataclass
 class TrainLog:
-    """What ``train_lm`` saw: cross-entropy and auxiliary loss per step, loads (steps, layers, E), seconds."""
+    """What ``train_lm`` saw: cross-entropy and auxiliary loss per step, tokens per expert per step, seconds."""
 
     losses: list[float] = field(default_factory=list)
     aux: list[float] = field(default_factory=list)
-    loads: list[torch.Tensor] = field(default_factory=list)  # one (layers, E) tensor per step
+    loads: list[list[torch.Tensor]] = field(default_factory=list)  # per step, one (E,) tensor per MoE layer
     seconds: float = 0.0
 
-    def load_history(self) -> torch.Tensor:
-        """(steps, layers, E) tokens per expert; empty for a dense model."""
-        return torch.stack(self.loads) if self.loads else torch.empty(0)
+    def load_history(self, layer: int | None = None) -> torch.Tensor:
+        """Tokens per expert: (steps, layers, E), or (steps, E) for one ``layer``; empty for a dense model."""
+        if not self.loads:
+            return torch.empty(0)
+        if layer is not None:
+            return torch.stack([step[layer] for step in self.loads])
+        if len({len(row) for row in self.loads[0]}) > 1:
+            raise ValueError("the MoE layers have different numbers of experts (a pyramid); ask for one layer with "
+                             "load_history(layer=i)")
+        return torch.stack([torch.stack(step) for step in self.loads])
 
 
 def _windows(ids: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
@@ -90,7 +100,7 @@ def train_lm(model: nn.Module, ids: torch.Tensor, steps: int, batch_size: int = 
         log.losses.append(loss.item())
         log.aux.append(extra.item())
         if layers:
-            log.loads.append(torch.stack([layer.routing.load().cpu() for layer in layers]))  # (layers, E)
+            log.loads.append([layer.routing.load().cpu() for layer in layers])  # one (E,) per layer
         if after_step is not None:
             after_step(step)
             model.train()

@@ -31,6 +31,7 @@ class GShardRouter(nn.Module):
         check_experts(n_experts, 2)
         check_capacity_factor(capacity_factor, allow_none=False)
         self.n_experts, self.capacity_factor, self.aux_coef = n_experts, capacity_factor, aux_coef
+        self.top_k = 2
         self.random_second, self.generator = random_second, generator
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # w_g
 

@@ -123,9 +123,13 @@ class Mixtral(Llama):
         return torch.stack([layer.routing.aux_loss for layer in moe_layers(self)]).sum()
 
     def active_parameters(self) -> int:
-        """Parameters one token uses: all but the E − K experts it skips (router and attention included)."""
-        per_expert = 3 * self.cfg.d_model * self.cfg.d_ff
-        return self.num_parameters() - self.cfg.n_layers * (self.cfg.n_experts - self.cfg.top_k) * per_expert
+        """Parameters one token uses: all but the experts it skips, layer by layer (a router's ``top_k``, else 1
+        expert per token; router, attention and embeddings included)."""
+        skipped = 0
+        for layer in moe_layers(self):
+            per_expert = sum(p.numel() for p in layer.experts.parameters()) // layer.experts.n_experts
+            skipped += (layer.experts.n_experts - getattr(layer.router, "top_k", 1)) * per_expert
+        return self.num_parameters() - skipped
 
     @classmethod
     def from_hf(cls, hf_model: transformers.PreTrainedModel) -> Mixtral:
