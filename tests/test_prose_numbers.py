@@ -35,6 +35,7 @@ SETTINGS = {  # (chapter, number): why it is not a measurement
     ("peft_lora", "20 %"): "the train / test split",
     ("offloading_and_sparsity", "90%"): "the contribution thresholds that define the measurement",
     ("offloading_and_sparsity", "99%"): "the contribution thresholds that define the measurement",
+    ("mixed_precision_optimizers", "4×"): "the batch size an exercise suggests",
 }
 
 
