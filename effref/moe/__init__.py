@@ -1,4 +1,4 @@
-"""Mixture of experts (survey §2.5.2): routers, Mixtral, PR-MoE, dropless, expert-parallel and offloaded experts."""
+"""Mixture of experts (survey §2.5.2): routers, Mixtral, PR-MoE, dropless, expert-parallel, offloaded experts."""
 
 from effref.moe.base_layers import BaseRouter, balanced_assignment, linear_assignment
 from effref.moe.dropless import block_sparse_rows, dropless_experts, padded_experts

@@ -74,8 +74,8 @@ def balanced_assignment(scores: torch.Tensor) -> torch.Tensor:
     """
     T, E = scores.shape
     if T % E:
-        raise ValueError(f"{T} tokens cannot be split evenly over n_experts={E}; BASE training needs a token count "
-                         f"divisible by the expert count (use a batch of a multiple of {E} tokens)")
+        raise ValueError(f"{T} tokens cannot be split evenly over n_experts={E}; BASE training needs a token "
+                         f"count divisible by the expert count (use a batch of a multiple of {E} tokens)")
     per_expert = T // E
     cost = -scores.detach().double().cpu().numpy().repeat(per_expert, axis=1)  # (T, T)
     return torch.from_numpy(linear_assignment(cost) // per_expert).to(scores.device)

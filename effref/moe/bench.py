@@ -58,8 +58,8 @@ class TrainLog:
         if layer is not None:
             return torch.stack([step[layer] for step in self.loads])
         if len({len(row) for row in self.loads[0]}) > 1:
-            raise ValueError("the MoE layers have different numbers of experts (a pyramid); ask for one layer with "
-                             "load_history(layer=i)")
+            raise ValueError("the MoE layers have different numbers of experts (a pyramid); ask for one layer "
+                             "with load_history(layer=i)")
         return torch.stack([torch.stack(step) for step in self.loads])
 
 

@@ -40,7 +40,8 @@ def dropless_experts(x: torch.Tensor, routing: Routing, experts: Experts) -> tor
     token, weight = routing.token[order], routing.weight[order]  # (A,) each, grouped
     load = torch.bincount(routing.expert, minlength=experts.n_experts).tolist()  # n_e per expert
     rows = x[token]  # (A, D) gathered: expert 0's rows, then expert 1's, ...
-    out = torch.cat([experts.expert(e, group) for e, group in enumerate(rows.split(load))])  # (A, D) grouped GEMMs
+    groups = rows.split(load)  # one block of rows per expert
+    out = torch.cat([experts.expert(e, group) for e, group in enumerate(groups)])  # (A, D): one GEMM per group
     y = torch.zeros_like(x)  # (T, D)
     return y.index_add_(0, token, out * weight[:, None].to(x.dtype))  # un-permute and combine
 

@@ -45,7 +45,8 @@ class ExpertParallelMoE(nn.Module):
         self.experts = Experts(self.n_local, layer.experts.d_model, layer.experts.d_ff)
         with torch.no_grad():
             for name in ("gate", "up", "down"):
-                getattr(self.experts, name).copy_(getattr(layer.experts, name)[self.first:self.first + self.n_local])
+                mine = getattr(layer.experts, name)[self.first:self.first + self.n_local]
+                getattr(self.experts, name).copy_(mine)
         self.routing: Routing | None = None
         self.token_ids: torch.Tensor | None = None
 

@@ -34,7 +34,8 @@ def check_experts(n_experts: int, top_k: int | None = None) -> None:
     """Refuse an expert count below 1, or a top-k outside 1..n_experts, naming the argument and the fix."""
     if isinstance(n_experts, bool) or not isinstance(n_experts, int) or n_experts < 1:
         raise ValueError(f"n_experts={n_experts!r} must be an integer ≥ 1 (e.g. 8, as in Mixtral)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts):
+    bad_k = isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= n_experts
+    if top_k is not None and bad_k:
         raise ValueError(f"top_k={top_k!r} must be an integer from 1 to n_experts={n_experts}; a token cannot "
                          f"visit more experts than exist (use top_k ≤ {n_experts} or more experts)")
 
@@ -43,7 +44,8 @@ def check_capacity_factor(capacity_factor: float | None, allow_none: bool = True
     """Refuse a capacity factor that is not a positive number (None = no capacity limit, where allowed)."""
     if capacity_factor is None and allow_none:
         return
-    if isinstance(capacity_factor, bool) or not isinstance(capacity_factor, (int, float)) or not capacity_factor > 0:
+    number = isinstance(capacity_factor, (int, float)) and not isinstance(capacity_factor, bool)
+    if not number or not capacity_factor > 0:
         hint = " or None for no limit" if allow_none else ""
         raise ValueError(f"capacity_factor={capacity_factor!r} must be a positive number (1.0 = exactly the "
                          f"balanced share T·k/E per expert; 1.25 and 2.0 are the papers' choices){hint}")
@@ -109,7 +111,7 @@ class Routing:
 
 
 class Experts(nn.Module):
-    """E SwiGLU MLPs stored as three stacked weights, (E, F, D), (E, F, D) and (E, D, F): ``expert(e, x)`` is one."""
+    """E SwiGLU MLPs stored as three stacked weights, (E, F, D), (E, F, D) and (E, D, F); ``expert(e, x)``."""
 
     def __init__(self, n_experts: int, d_model: int, d_ff: int):
         super().__init__()

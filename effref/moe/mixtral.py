@@ -44,7 +44,7 @@ class TopKRouter(nn.Module):
         super().__init__()
         check_experts(n_experts, top_k)
         if aux_coef < 0:
-            raise ValueError(f"aux_coef={aux_coef} must be ≥ 0 (0: no balancing loss; transformers' default 0.001)")
+            raise ValueError(f"aux_coef={aux_coef} must be ≥ 0 (0: no balancing loss; transformers: 0.001)")
         self.n_experts, self.top_k, self.aux_coef = n_experts, top_k, aux_coef
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_g
 
@@ -82,7 +82,7 @@ class MixtralConfig(LlamaConfig):
         if rope.get("rope_type", rope.get("type", "default")) != "default":
             raise ValueError(f"rope scaling {rope} is not supported; only the default RoPE is implemented")
         if hf_config.hidden_act != "silu":
-            raise ValueError(f"hf_config.hidden_act={hf_config.hidden_act!r}: Mixtral's experts are SwiGLU (silu)")
+            raise ValueError(f"hf_config.hidden_act={hf_config.hidden_act!r}: Mixtral's experts are SwiGLU")
         d_model, n_heads = hf_config.hidden_size, hf_config.num_attention_heads
         head_dim = getattr(hf_config, "head_dim", None) or d_model // n_heads
         max_seq_len = hf_config.max_position_embeddings

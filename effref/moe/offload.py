@@ -57,8 +57,8 @@ class OffloadedExperts(nn.Module):
         self.folder, self.slots = Path(folder), slots
         self.folder.mkdir(parents=True, exist_ok=True)
         for e in range(self.n_experts):  # one file per expert: what a device would keep in flash storage
-            save_file({name: getattr(experts, name)[e].detach().contiguous().cpu() for name in ("gate", "up", "down")},
-                      str(self.folder / f"expert_{e}.safetensors"))
+            weights = {name: getattr(experts, name)[e].detach().contiguous().cpu() for name in ("gate", "up", "down")}
+            save_file(weights, str(self.folder / f"expert_{e}.safetensors"))
         self.expert_bytes = sum(getattr(experts, n)[0].numel() * getattr(experts, n).element_size()
                                 for n in ("gate", "up", "down"))
         self.dtype, self.device = experts.gate.dtype, experts.gate.device
@@ -76,7 +76,8 @@ class OffloadedExperts(nn.Module):
             self.cache.move_to_end(e)
             return self.cache[e]
         self.misses += 1
-        weights = {k: v.to(self.device, self.dtype) for k, v in load_file(str(self.folder / f"expert_{e}.safetensors")).items()}
+        stored = load_file(str(self.folder / f"expert_{e}.safetensors"))  # the read from storage
+        weights = {name: w.to(self.device, self.dtype) for name, w in stored.items()}
         self.cache[e] = weights
         if len(self.cache) > self.slots:
             self.cache.popitem(last=False)  # evict the least recently used expert
@@ -98,7 +99,8 @@ def offload_experts(model: nn.Module, folder: str | Path, slots: int) -> list[Of
     banks = []
     for i, layer in enumerate(layers):
         if not isinstance(layer.experts, Experts):
-            raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}, not Experts; offload a model once")
+            raise ValueError(f"MoE layer {i} holds {type(layer.experts).__name__}, not Experts; offload a model "
+                             "once")
         layer.experts = OffloadedExperts(layer.experts, Path(folder) / f"layer_{i}", slots)
         banks.append(layer.experts)
     return banks

@@ -40,7 +40,8 @@ class StableMoERouter(nn.Module):
         self.n_experts, self.balance_coef, self.distill_coef = n_experts, balance_coef, distill_coef
         self.centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(n_experts, d_model), gain=0.1))  # E_i
         self.distilled_embed = nn.Embedding(vocab_size, distill_dim)  # D: the lightweight router's features
-        self.distilled_centroids = nn.Parameter(nn.init.orthogonal_(torch.empty(n_experts, distill_dim), gain=0.1))
+        distilled = nn.init.orthogonal_(torch.empty(n_experts, distill_dim), gain=0.1)
+        self.distilled_centroids = nn.Parameter(distilled)  # Ê
         self.stage = 1
 
     def freeze_routing(self) -> None:

@@ -39,12 +39,13 @@ def load_balancing_loss(probs: torch.Tensor, expert_index: torch.Tensor) -> torc
 class SwitchRouter(nn.Module):
     """Top-1 routing with an optional capacity; the routing's ``aux_loss`` is α · N · Σ f_i P_i."""
 
-    def __init__(self, d_model: int, n_experts: int, capacity_factor: float | None = 1.25, aux_coef: float = 1e-2):
+    def __init__(self, d_model: int, n_experts: int, capacity_factor: float | None = 1.25,
+                 aux_coef: float = 1e-2):
         super().__init__()
         check_experts(n_experts)
         check_capacity_factor(capacity_factor)
         if aux_coef < 0:
-            raise ValueError(f"aux_coef={aux_coef} must be ≥ 0 (0 turns the balancing loss off; the paper uses 1e-2)")
+            raise ValueError(f"aux_coef={aux_coef} must be ≥ 0 (0 turns the balancing loss off; the paper: 1e-2)")
         self.n_experts, self.capacity_factor, self.aux_coef = n_experts, capacity_factor, aux_coef
         self.gate = nn.Linear(d_model, n_experts, bias=False)  # W_r
 
@@ -56,5 +57,6 @@ class SwitchRouter(nn.Module):
         if self.capacity_factor is not None:  # Eq. 3: the first C tokens (in batch order) per expert
             kept, _ = fits_capacity(expert, self.n_experts, capacity(T, self.n_experts, self.capacity_factor))
             token, expert, weight = token[kept], expert[kept], weight[kept]
-        aux = self.aux_coef * load_balancing_loss(probs, probs.argmax(-1, keepdim=True))  # counts dropped ones too
+        first_choice = probs.argmax(-1, keepdim=True)  # (T, 1), dropped tokens included (f_i counts routing)
+        aux = self.aux_coef * load_balancing_loss(probs, first_choice)
         return Routing(token, expert, weight, probs, aux)
