@@ -21,7 +21,7 @@ import yaml
 CATALOG_PATH = Path(__file__).with_name("catalog.yml")
 STATUSES = ("implemented", "planned")
 
-# Survey section → the heading it gets on the Coverage page (the survey's own structure, §2–§3).
+# Survey section → the heading it gets on the Coverage page (the survey's own structure, §2–§4).
 SECTION_TITLES = {
     "2.1.1": "Quantization", "2.1.2": "Parameter pruning", "2.1.3": "Low-rank approximation",
     "2.1.4": "Knowledge distillation", "2.2": "Efficient pre-training",
@@ -29,6 +29,7 @@ SECTION_TITLES = {
     "2.4": "Efficient inference", "2.5.1": "Efficient attention", "2.5.2": "Mixture of experts",
     "2.5.3": "Long-context LLMs", "2.5.4": "Transformer alternatives", "3.1": "Data selection",
     "3.2.1": "Few-shot prompting", "3.2.2": "Prompt compression and generation",
+    "4": "LLM frameworks",
 }
 
 
