@@ -102,10 +102,10 @@ def smoothing_groups(model: nn.Module, kinds: Sequence[str] | None = None,
     available += list(KINDS[2:]) if names is not None else []
     missing = [k for k in kinds or () if k not in available]
     if missing:
+        why = (["qkv / gate_up need a normalisation layer that feeds linears directly"] * bool(set(missing) & set(NORM_KINDS))
+               + ["o / down follow LLaMA-shaped v_proj → o_proj and up_proj → down_proj"] * bool(set(missing) - set(NORM_KINDS)))
         raise ValueError(f"{type(model).__name__} has no {missing} groups in every {type(blocks[0]).__name__}: "
-                         f"{'qkv / gate_up need a normalisation layer that feeds linears directly; ' if set(missing) & set(NORM_KINDS) else ''}"
-                         f"{'o / down follow LLaMA-shaped v_proj → o_proj and up_proj → down_proj; ' if set(missing) - set(NORM_KINDS) else ''}"
-                         f"pass kinds from {available}")
+                         f"{'; '.join(why)}; pass kinds from {available}")
     if not available:
         raise ValueError(f"{type(blocks[0]).__name__} has no group to smooth: no normalisation layer feeds its "
                          "linears directly (a post-norm block?) and it is not LLaMA-shaped")
