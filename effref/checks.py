@@ -49,3 +49,14 @@ def calibration_or_none(value: object, call: str) -> torch.Tensor | None:
     raise TypeError(f"{call} takes (model, calib_batches, cfg), like every model-level compression call: "
                     f"calib_batches must be a (n, T) tensor of token ids or None, got {type(value).__name__}; "
                     "pass the config after the batches, or as cfg=...")
+
+
+def token_ids_or_raise(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse anything but integer token ids (B, T ≥ 1) inside a vocabulary of ``vocab_size``, naming the fix."""
+    if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
+        raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
+                         f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
+    low, high = input_ids.min().item(), input_ids.max().item()
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"input_ids hold token ids from {low} to {high}, outside this model's vocabulary "
+                         f"0..{vocab_size - 1}; tokenize with the model's own tokenizer")

@@ -38,6 +38,8 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from effref.checks import token_ids_or_raise
+
 _META_KEY = "effref.alternatives"
 
 
@@ -123,13 +125,7 @@ class RecurrentLM(nn.Module):
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
         """Refuse anything but integer token ids (B, T ≥ 1) inside the vocabulary, naming the fix."""
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
-                             f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
-        low, high = input_ids.min().item(), input_ids.max().item()
-        if low < 0 or high >= self.cfg.vocab_size:
-            raise ValueError(f"input_ids hold token ids from {low} to {high}, outside this model's vocabulary "
-                             f"0..{self.cfg.vocab_size - 1}; tokenize with the model's own tokenizer")
+        token_ids_or_raise(input_ids, self.cfg.vocab_size)
 
     @torch.no_grad()
     def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

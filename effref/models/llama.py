@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effref.checks import token_ids_or_raise
+
 if TYPE_CHECKING:
     import transformers
 
@@ -352,13 +354,7 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for token ids (B, T); with a cache, the ids continue the cached sequence."""
-        if input_ids.ndim != 2 or input_ids.shape[1] == 0 or input_ids.is_floating_point():
-            raise ValueError(f"input_ids must be integer token ids of shape (B, T) with T >= 1, got "
-                             f"{tuple(input_ids.shape)} {input_ids.dtype}; use ids[None] for one sequence")
-        low, high = input_ids.min().item(), input_ids.max().item()
-        if low < 0 or high >= self.cfg.vocab_size:
-            raise ValueError(f"input_ids hold token ids from {low} to {high}, outside this model's vocabulary "
-                             f"0..{self.cfg.vocab_size - 1}; tokenize with the model's own tokenizer")
+        token_ids_or_raise(input_ids, self.cfg.vocab_size)
         B, T = input_ids.shape
         offset = 0 if cache is None else cache.length
         if offset + T > self.cfg.max_seq_len:
