@@ -9,33 +9,9 @@ import copy
 import pytest
 import torch
 import transformers
-from tiny_families import CALIB, FAMILIES, IDS
+from tiny_families import COMPRESSION_CALLS, FAMILIES, IDS
 
-from effref.lowrank import losparse_compress_model
-from effref.lowrank.svd import svd_compress_model
 from effref.peft import LoraConfig, apply_lora, merge_and_unload
-from effref.pruning import PruneConfig, magnitude_prune_model, sparsegpt_prune_model, wanda_prune_model
-from effref.pruning.llm_pruner import LLMPrunerConfig, llm_prune
-from effref.quantization import (
-    AWQConfig,
-    GPTQConfig,
-    QuantConfig,
-    SmoothQuantConfig,
-    WAQuantConfig,
-    awq_model,
-    bitnet_model,
-    gptq_model,
-    llm_int8_model,
-    os_plus_model,
-    rtn_model,
-    smoothquant_model,
-    spqr_model,
-    zeroquant_model,
-)
-from effref.quantization.quip import QuIPConfig, quip_model
-from effref.quantization.spqr import SpQRConfig
-
-Q4 = QuantConfig(4, group_size=32)
 
 
 def lora_merged(model):
@@ -48,25 +24,7 @@ def lora_merged(model):
     return merge_and_unload(model)
 
 
-TECHNIQUES = {
-    "rtn": lambda m: rtn_model(m, Q4, progress=False),
-    "gptq": lambda m: gptq_model(m, CALIB, GPTQConfig(Q4), progress=False),
-    "awq": lambda m: awq_model(m, CALIB, AWQConfig(Q4), progress=False),
-    "llm.int8": lambda m: llm_int8_model(m, CALIB, progress=False),
-    "zeroquant": lambda m: zeroquant_model(m, WAQuantConfig(group_size=32), progress=False),
-    "smoothquant": lambda m: smoothquant_model(m, CALIB, SmoothQuantConfig(), progress=False),
-    "magnitude": lambda m: magnitude_prune_model(m, PruneConfig(0.5), progress=False),
-    "wanda 2:4": lambda m: wanda_prune_model(m, CALIB, PruneConfig(nm="2:4"), progress=False),
-    "sparsegpt": lambda m: sparsegpt_prune_model(m, CALIB, PruneConfig(0.5), progress=False),
-    "svd": lambda m: svd_compress_model(m, 0.5, progress=False),
-    "quip": lambda m: quip_model(m, CALIB, QuIPConfig(GPTQConfig(Q4)), progress=False),
-    "spqr": lambda m: spqr_model(m, CALIB, SpQRConfig(), progress=False),
-    "os+": lambda m: os_plus_model(m, CALIB, progress=False),
-    "bitnet": lambda m: bitnet_model(m, progress=False),
-    "llm-pruner": lambda m: llm_prune(m, CALIB[:2], LLMPrunerConfig(ratio=0.25), progress=False),
-    "losparse": lambda m: losparse_compress_model(m, 0.5, 0.05, progress=False),
-    "lora + merge_and_unload": lora_merged,
-}
+TECHNIQUES = {**COMPRESSION_CALLS, "lora + merge_and_unload": lora_merged}
 REFUSED = {  # (family, technique): what the refusal says
     ("opt", "llm-pruner"): "OPTDecoderLayer is not a LLaMA-shaped block .*wanda_prune_model",
     ("gpt2", "llm-pruner"): "GPT2Block is not a LLaMA-shaped block .*wanda_prune_model",
