@@ -33,7 +33,7 @@ else  # a torch of its own (a CUDA build): keep it and the triton it pins, lock 
   echo "keeping the installed torch $torch_now (the lock was tested with $locked_torch) and its triton"
   { grep -v -E '^(torch|triton)==' "$LOCK"; echo "torch==$torch_now"; } > "$constraints"
 fi
-python -m pip install --quiet --constraint "$constraints" "${upgrade[@]}" -e ".[triton,assets,book,test]"
+DS_BUILD_OPS=0 python -m pip install --quiet --constraint "$constraints" "${upgrade[@]}" -e ".[triton,assets,book,test,frameworks]"
 
 python -m effref.assets fetch
 
