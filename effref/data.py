@@ -10,6 +10,16 @@ both down:
   *Sense and Sensibility*), cut 80/10/10 at paragraph boundaries — for smoke tests only.
   ``wikitext2``: WikiText-2 (raw), the corpus the quantization papers report, through the optional
   ``datasets`` package and the Hugging Face hub (online only).
+  Three more domains, read from what every Python install has, for data selection (mixtures of domains):
+  ``pydoc`` — the language reference topics of ``pydoc_data.topics`` (English technical prose);
+  ``stdlib`` — the source of the standard library's top-level modules (``Lib/*.py``, code);
+  ``licenses`` — the license texts of ``/usr/share/common-licenses`` (Debian, Ubuntu), or where that
+  folder is missing the license files of the core dependencies' installed distributions (legal prose).
+  Each is its documents joined in sorted order by blank lines and cut 80/10/10 by characters at the
+  nearest blank lines. ``pydoc`` and ``stdlib`` are deterministic for one Python version (3.11.7 reads
+  other text than 3.12), ``licenses`` for one operating system; we read them live instead of shipping a
+  snapshot because they are megabytes of text whose only purpose is to be *other* than Austen, and their
+  ``source`` field names the version, so a number can be traced to the text it came from.
 - ``tokenize(tokenizer, text)`` turns a split into one long 1-D tensor of token ids, without special
   tokens, memoised because the Austen training split takes ~5 s on 2 cores.
 - ``calibration_batches(ids, n, seq_len, seed)`` draws ``n`` contiguous windows of ``seq_len`` tokens at
@@ -22,15 +32,18 @@ one novel into the next in the training split, as in the papers' concatenated-te
 
 from __future__ import annotations
 
+import sys
+import sysconfig
 from collections import OrderedDict
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from effref.assets import AssetMissingError, require
 
-CORPORA = ("austen", "sample", "wikitext2")
+CORPORA = ("austen", "sample", "wikitext2", "pydoc", "stdlib", "licenses")
 SPLITS = ("train", "validation", "test")
 SAMPLE_PATH = Path(__file__).parent / "data" / "sample.txt"
 
@@ -142,14 +155,68 @@ def _load_wikitext2() -> Corpus:
     )
 
 
-_LOADERS = {"austen": _load_austen, "sample": _load_sample, "wikitext2": _load_wikitext2}
+PYTHON_VERSION = ".".join(map(str, sys.version_info[:3]))
+LICENSES_DIR = Path("/usr/share/common-licenses")
+LICENSE_FALLBACK_DISTRIBUTIONS = ("torch", "numpy", "scipy", "transformers", "safetensors", "tqdm", "PyYAML")
+SPLIT_NOTE_80_10_10 = ("80/10/10 by characters of the documents joined in sorted order by blank lines, cut at "
+                       "the nearest blank lines")
+
+
+def _split_documents(name: str, documents: dict[str, str], source: str) -> Corpus:
+    """Join ``documents`` in sorted key order by blank lines and cut 80/10/10 at blank lines."""
+    if not documents:
+        raise AssetMissingError(f"corpus {name!r} found no documents ({source})", asset=name)
+    text = "\n\n".join(documents[key].strip("\n") for key in sorted(documents))
+    train, validation, test = split_paragraphs(text)
+    return Corpus(name=name, train=train, validation=validation, test=test, source=source,
+                  split_note=f"{SPLIT_NOTE_80_10_10} ({len(documents)} documents)")
+
+
+def _load_pydoc() -> Corpus:
+    from pydoc_data.topics import topics
+    return _split_documents("pydoc", dict(topics), f"the {len(topics)} language-reference topics of "
+                            f"pydoc_data.topics, Python {PYTHON_VERSION} (PSF license)")
+
+
+def _load_stdlib() -> Corpus:
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    modules = {path.name: path.read_text(encoding="utf-8", errors="replace") for path in folder.glob("*.py")}
+    return _split_documents("stdlib", modules, f"the top-level modules {folder}/*.py of the standard library, "
+                            f"Python {PYTHON_VERSION} (PSF license)")
+
+
+def _load_licenses() -> Corpus:
+    if LICENSES_DIR.is_dir():
+        texts = {path.name: path.read_text(encoding="utf-8", errors="replace")
+                 for path in LICENSES_DIR.iterdir() if path.is_file()}
+        return _split_documents("licenses", texts, f"the license texts of {LICENSES_DIR} (this operating system's)")
+    texts = {}
+    for distribution in LICENSE_FALLBACK_DISTRIBUTIONS:
+        try:
+            files = metadata.distribution(distribution).files or []
+        except metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            name = file.name.lower()
+            if ("licen" in name or "copying" in name) and file.suffix not in (".py", ".pyc"):
+                path = Path(file.locate())
+                texts[f"{distribution}/{file}"] = path.read_text(encoding="utf-8", errors="replace") \
+                    if path.is_file() else ""
+    texts = {key: text for key, text in texts.items() if text.strip()}
+    return _split_documents("licenses", texts, f"{LICENSES_DIR} is missing here: the license files of the "
+                            f"installed {', '.join(LICENSE_FALLBACK_DISTRIBUTIONS)} distributions")
+
+
+_LOADERS = {"austen": _load_austen, "sample": _load_sample, "wikitext2": _load_wikitext2, "pydoc": _load_pydoc,
+            "stdlib": _load_stdlib, "licenses": _load_licenses}
 
 
 def load_corpus(name: str) -> Corpus:
     """Load corpus ``name`` (one of ``CORPORA``) with its fixed split.
 
-    ``austen`` needs the fetched asset (``python -m effref.assets fetch austen``), ``sample`` needs
-    nothing, ``wikitext2`` needs ``datasets`` and the network; missing pieces raise AssetMissingError.
+    ``austen`` needs the fetched asset (``python -m effref.assets fetch austen``), ``sample``, ``pydoc``,
+    ``stdlib`` and ``licenses`` need nothing but this Python install (and operating system),
+    ``wikitext2`` needs ``datasets`` and the network; missing pieces raise AssetMissingError.
     """
     if name not in _LOADERS:
         raise ValueError(f"corpus name={name!r} is not known; use one of {CORPORA}")

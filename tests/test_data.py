@@ -47,7 +47,7 @@ def test_corpus_split_rejects_unknown_names(name):
 def test_load_corpus_rejects_unknown_names():
     with pytest.raises(ValueError, match=r"name='ptb' is not known; use one of \('austen', 'sample'"):
         load_corpus("ptb")
-    assert CORPORA == ("austen", "sample", "wikitext2")
+    assert CORPORA == ("austen", "sample", "wikitext2", "pydoc", "stdlib", "licenses")
 
 
 def test_sample_corpus_is_the_shipped_file_cut_at_blank_lines():
@@ -117,6 +117,44 @@ def test_wikitext2_without_datasets_says_what_to_install(monkeypatch):
     with pytest.raises(AssetMissingError, match=r"not installed.*Hugging Face hub.*`pip install datasets`") as info:
         load_corpus("wikitext2")
     assert info.value.asset == "wikitext2"
+
+
+# The domains every Python install has: pydoc topics, standard-library source, license texts.
+
+def test_pydoc_corpus_is_the_sorted_topics_cut_at_blank_lines():
+    from pydoc_data.topics import topics
+    corpus = load_corpus("pydoc")
+    whole = "\n\n".join(topics[key].strip("\n") for key in sorted(topics))
+    assert f"{corpus.train}\n\n{corpus.validation}\n\n{corpus.test}" == whole
+    assert 0.7 < len(corpus.train) / len(whole) < 0.9
+    assert f"Python {sys.version_info.major}.{sys.version_info.minor}" in corpus.source
+
+
+def test_stdlib_corpus_holds_module_source_and_splits_do_not_overlap():
+    import sysconfig
+    from pathlib import Path
+    corpus = load_corpus("stdlib")
+    folder = Path(sysconfig.get_paths()["stdlib"])
+    assert (folder / "abc.py").read_text(encoding="utf-8").strip("\n") in corpus.train
+    assert "def " in corpus.test and "import " in corpus.validation
+    assert len(corpus.train) > 5 * len(corpus.test) and corpus.test not in corpus.train
+
+
+def test_licenses_corpus_reads_the_folder_and_falls_back_to_package_licenses(tmp_path, monkeypatch):
+    from effref import data
+    folder = tmp_path / "licenses"
+    folder.mkdir()
+    paragraphs = [f"Clause {i}. You may copy this text." for i in range(30)]
+    (folder / "B-LICENSE").write_text("\n\n".join(paragraphs[15:]))
+    (folder / "A-LICENSE").write_text("\n\n".join(paragraphs[:15]))
+    monkeypatch.setattr(data, "LICENSES_DIR", folder)
+    corpus = load_corpus("licenses")
+    assert corpus.train.startswith("Clause 0.") and corpus.test.endswith("Clause 29. You may copy this text.")
+    assert "(2 documents)" in corpus.split_note
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "absent")
+    fallback = load_corpus("licenses")
+    assert "is missing here" in fallback.source and "torch" in fallback.source
+    assert "license" in (fallback.train + fallback.test).lower()
 
 
 # ---------------------------------------------------------------------------------------------------
