@@ -235,10 +235,8 @@ def test_bad_config_raises(kwargs: dict, match: str) -> None:
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}},
-     r"'linear' is not supported"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5, "low_freq_factor": 1.0,
-                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}, r"'llama3'"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 8.0, "rope_theta": 5e5, "short_factor": [1.0] * 4,
+                          "long_factor": [2.0] * 4, "original_max_position_embeddings": 64}}, r"'longrope'"),
     ({"attention_bias": True}, r"attention_bias=True is not supported: biases on q, k, v and o"),
     ({"mlp_bias": True}, r"mlp_bias=True is not supported: biases in the MLP"),
     ({"hidden_act": "relu"}, r"hidden_act='relu' is not supported; the gated MLP implements"),

@@ -2,8 +2,8 @@
 
 - ``positions``: the shared machinery: install RoPE tables on our Llama, run it at explicit position ids, and
   an attention with rotate/bias hooks for the schemes that are not a table of angles.
-- ``rope_scaling``: position interpolation (PI), NTK-aware scaling, dynamic NTK and YaRN, for our Llama and as
-  transformers ``rope_parameters``.
+- ``rope_scaling``: position interpolation (PI), NTK-aware scaling, dynamic NTK, YaRN and Llama 3's bands, for
+  our Llama (``Llama.from_hf`` reads them from scaled checkpoints) and as transformers ``rope_parameters``.
 - ``alibi``: ALiBi's linear biases and geometric head slopes.
 - ``xpos``: xPOS, RoPE with an exponential decay.
 - ``pose``: PoSE's skip-wise position ids, and the training loop that uses them.
@@ -12,12 +12,12 @@
 from effref.longcontext.alibi import ALiBiAttention, alibi_bias, alibi_slopes, use_alibi
 from effref.longcontext.pose import PoSEConfig, pose_batch, pose_position_ids, train_context
 from effref.longcontext.positions import PositionalAttention, at_positions, install_rope_tables, swap_attention
-from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, llama_from_hf_scaled, scaled_inv_freq,
-                                             scaled_rope_tables, scaling_from_hf, use_rope_scaling)
+from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, scaled_inv_freq, scaled_rope_tables,
+                                             scaling_from_hf, use_rope_scaling)
 from effref.longcontext.xpos import XPosAttention, use_xpos, xpos_decay, xpos_scale
 
 __all__ = ["ALiBiAttention", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
-           "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables", "llama_from_hf_scaled",
+           "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables",
            "pose_batch", "pose_position_ids", "scaled_inv_freq", "scaled_rope_tables", "scaling_from_hf",
            "swap_attention", "train_context", "use_alibi", "use_rope_scaling", "use_xpos", "xpos_decay",
            "xpos_scale"]

@@ -11,7 +11,9 @@ Implements: a pre-norm decoder  h = x + Attn(RMSNorm(x)),  out = h + MLP(RMSNorm
   attention softmax(q kᵀ / sqrt(d_head) + causal mask) v with n_kv_heads ≤ n_heads (each group of
   n_heads / n_kv_heads query heads shares one key/value head),
   gated MLP  down(act(gate(x)) ⊙ up(x)),  act = silu (SwiGLU) or tanh-approximated gelu (GeGLU),
-an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers (``from_hf``).
+an explicit KV cache, greedy / temperature / top-k generation, and loading from transformers (``from_hf``),
+including checkpoints whose RoPE is scaled (linear, dynamic NTK, YaRN, Llama 3): ``RopeScaling`` and
+``scaled_inv_freq`` below change the angle of each pair (effref/longcontext/rope_scaling.py explains them).
 The families ``from_hf`` loads differ from LLaMA only by a few config fields:
   Mistral  a sliding window (exact up to the window, which becomes max_seq_len);
   Qwen2    biases on the q/k/v projections (``qkv_bias``);
@@ -24,16 +26,18 @@ extra norms) are refused by name with what differs.
 Glossary: B batch · T new tokens in this call · S keys attended to (cached + new) · d_model hidden size
           · n_heads / n_kv_heads query / key-value heads · d_head = head_dim or d_model / n_heads · d_ff MLP
           width · θ rope_theta · ε norm_eps · offset = cache.length, the position of the first new token.
-Left out: padding masks (batches hold equal-length prompts), RoPE scaling variants (linear, dynamic, YaRN,
-          llama3), biases on o_proj and on the MLP, sliding-window attention past the window, dropout, tensor
-          parallelism; fused kernels live in kernels/.
+Left out: padding masks (batches hold equal-length prompts), LongRoPE's per-pair factors and DeepSeek's
+          YaRN mscale, a dynamic-NTK scale recomputed at every length (the tables serve max_seq_len), biases on
+          o_proj and on the MLP, sliding-window attention past the window (effref/longcontext/sliding_window.py),
+          dropout, tensor parallelism; fused kernels live in kernels/.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,6 +73,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     activation: str = "silu"  # of the gated MLP, a key of ACTIVATIONS ("gelu_pytorch_tanh": Gemma)
     embed_scale: float = 1.0  # token embeddings are multiplied by it (Gemma: sqrt(d_model))
+    rope_scaling: RopeScaling = field(default_factory=lambda: RopeScaling())  # kind "none": plain RoPE
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -89,6 +94,9 @@ class LlamaConfig:
             raise ValueError(f"activation={self.activation!r} is not known; use one of {sorted(ACTIVATIONS)}")
         if not self.embed_scale > 0:
             raise ValueError(f"embed_scale={self.embed_scale} must be positive (1.0: embeddings as stored)")
+        if not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"rope_scaling must be a RopeScaling, got {type(self.rope_scaling).__name__}; e.g. "
+                            "RopeScaling('linear', factor=2.0)")
 
     @property
     def d_head(self) -> int:
@@ -96,17 +104,15 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf_config: transformers.PretrainedConfig) -> LlamaConfig:
-        """Read the config of a transformers LLaMA, Mistral, Qwen2 or Gemma (v4: a ``rope_theta`` attribute;
-        v5: ``rope_parameters``); other families are refused with what differs."""
+        """Read the config of a transformers LLaMA, Mistral, Qwen2 or Gemma (v4: a ``rope_theta`` attribute and
+        ``rope_scaling``; v5: ``rope_parameters``), its RoPE scaling included; other families are refused with
+        what differs."""
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in LLAMA_SHAPED:
             raise ValueError(family_refusal(model_type, type(hf_config).__name__))
         rope = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None)
         rope = dict(rope or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope scaling type {rope_type!r} is not supported; only the default RoPE is "
-                             "implemented (use a model without rope scaling, or add the variant here)")
+        scaling = scaling_from_hf(hf_config)
         unsupported = {"attention_bias": "biases on q, k, v and o (only Qwen2's q/k/v biases exist here)",
                        "mlp_bias": "biases in the MLP", "use_bidirectional_attention": "non-causal attention"}
         for name, what in unsupported.items():
@@ -135,7 +141,7 @@ class LlamaConfig:
                    eos_id=eos[0] if isinstance(eos, (list, tuple)) else eos,  # several EOS ids: the first
                    head_dim=None if head_dim * n_heads == d_model else head_dim,
                    qkv_bias=model_type == "qwen2", activation=activation,
-                   embed_scale=d_model**0.5 if model_type == "gemma" else 1.0)
+                   embed_scale=d_model**0.5 if model_type == "gemma" else 1.0, rope_scaling=scaling)
 
 
 LLAMA_SHAPED = ("llama", "mistral", "qwen2", "gemma")  # model types whose weights and forward are LLaMA's
@@ -232,16 +238,167 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(d_head: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of angle m·θ^(-2i/d_head) for positions m < max_len, each (max_len, d_head).
+ROPE_KINDS = ("none", "linear", "ntk", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How to stretch RoPE from ``original_len`` trained positions by ``factor`` (kind: one of ``ROPE_KINDS``;
+    the methods are explained in effref/longcontext/rope_scaling.py)."""
+
+    kind: str = "none"
+    factor: float = 1.0  # s = target length / trained length
+    original_len: int | None = None  # L; needed by dynamic, yarn and llama3
+    beta_fast: float = 32.0  # yarn: pairs turning more than this over L keep θ_i
+    beta_slow: float = 1.0  # yarn: pairs turning less than this over L are interpolated
+    attention_factor: float | None = None  # yarn: None = 0.1 ln s + 1
+    truncate: bool = True  # yarn: round the ramp's ends outwards to whole pairs, as the released code
+    low_freq_factor: float = 1.0  # llama3: wavelengths above L / low_freq_factor are interpolated
+    high_freq_factor: float = 4.0  # llama3: wavelengths below L / high_freq_factor keep θ_i
+
+    def __post_init__(self) -> None:
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"kind={self.kind!r} is not known; use one of {ROPE_KINDS} (linear = position "
+                             "interpolation)")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, (int, float)) or not self.factor >= 1:
+            raise ValueError(f"factor={self.factor!r} must be a number >= 1: the target context divided by the "
+                             "trained one (e.g. 4.0 to run a 2048-token model at 8192); < 1 would shrink it")
+        if self.kind in ("dynamic", "yarn", "llama3") and self.original_len is None:
+            raise ValueError(f"kind={self.kind!r} needs original_len, the context length the model was trained "
+                             "with (e.g. original_len=2048)")
+        if self.original_len is not None and (isinstance(self.original_len, bool) or
+                                               not isinstance(self.original_len, int) or self.original_len < 1):
+            raise ValueError(f"original_len={self.original_len!r} must be a positive integer: the context "
+                             "length the model was trained with")
+        if not 0 < self.beta_slow < self.beta_fast:
+            raise ValueError(f"beta_slow={self.beta_slow}, beta_fast={self.beta_fast}: need 0 < beta_slow < "
+                             "beta_fast (the paper's 1 and 32)")
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(f"attention_factor={self.attention_factor!r} must be positive, or None for "
+                             "0.1 ln(factor) + 1")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"low_freq_factor={self.low_freq_factor}, high_freq_factor={self.high_freq_factor}: "
+                             "need 0 < low_freq_factor < high_freq_factor (Llama 3.1: 1 and 4)")
+
+
+def _check_rope(d_head: int, theta: float) -> None:
+    if isinstance(d_head, bool) or not isinstance(d_head, int) or d_head < 4 or d_head % 2:
+        raise ValueError(f"d_head={d_head!r} must be an even integer >= 4 (RoPE turns pairs; NTK's exponent "
+                         "d/(d−2) needs d > 2)")
+    if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 1):
+        raise ValueError(f"theta={theta!r} must be a finite RoPE base > 1, e.g. 10000.0")
+
+
+def rope_inv_freq(d_head: int, theta: float) -> torch.Tensor:
+    """θ_i = θ^(−2i/d) for the d/2 pairs, (d_head/2,): the angle per position of each pair."""
+    _check_rope(d_head, theta)
+    return 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head)  # (d_head/2,)
+
+
+def ntk_theta(theta: float, d_head: int, factor: float) -> float:
+    """NTK-aware base θ' = θ · s^(d/(d−2)), which divides the slowest pair's θ_i by exactly s."""
+    return theta * factor ** (d_head / (d_head - 2))
+
+
+def dynamic_factor(factor: float, original_len: int, seq_len: int) -> float:
+    """Dynamic NTK's scale for the current length T: s · max(T, L)/L − (s − 1), = 1 while T ≤ L."""
+    return factor * max(seq_len, original_len) / original_len - (factor - 1)
+
+
+def yarn_attention_factor(factor: float) -> float:
+    """YaRN's temperature (§3.4): √(1/t) = 0.1 ln s + 1, the factor on cos and sin (1 when s ≤ 1)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def yarn_keep(d_head: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """γ_i (d_head/2,): 1 where pair i keeps θ_i (extrapolates), 0 where it takes θ_i / s (interpolates)."""
+    _check_rope(d_head, theta)
+    L = scaling.original_len
+
+    def pair_with_turns(turns: float) -> float:  # solve L / λ_i = turns for i, with λ_i = 2π θ^(2i/d)
+        return d_head * math.log(L / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_with_turns(scaling.beta_fast), pair_with_turns(scaling.beta_slow)  # low < high
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d_head - 1)
+    if low == high:
+        high += 0.001  # a one-pair ramp
+    ramp = ((torch.arange(d_head // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # 0 → 1 with i
+    return 1 - ramp  # (d_head/2,)
+
+
+def llama3_keep(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's share γ_i (d_head/2,) kept from θ_i: 1 for wavelengths λ_i < L / high_freq_factor, 0 above
+    L / low_freq_factor, and between them linear in the turns over L: γ = (L/λ − low) / (high − low)."""
+    turns = scaling.original_len * inv_freq / (2 * math.pi)  # L / λ_i
+    low, high = scaling.low_freq_factor, scaling.high_freq_factor
+    return ((turns - low) / (high - low)).clamp(0, 1)  # (d_head/2,)
+
+
+def scaled_inv_freq(d_head: int, theta: float, scaling: RopeScaling,
+                    seq_len: int | None = None) -> tuple[torch.Tensor, float]:
+    """The inverse frequencies (d_head/2,) and the factor on cos/sin of ``scaling``; ``seq_len`` (the length of
+    the sequence the tables serve) matters for ``dynamic`` only (None: original_len, i.e. unscaled)."""
+    base = rope_inv_freq(d_head, theta)  # (d_head/2,)
+    s = float(scaling.factor)
+    if scaling.kind == "none":
+        return base, 1.0
+    if scaling.kind == "linear":
+        return base / s, 1.0  # PI: f(x, m / s) turns pair i by (m / s) θ_i
+    if scaling.kind == "ntk":
+        return rope_inv_freq(d_head, ntk_theta(theta, d_head, s)), 1.0
+    if scaling.kind == "dynamic":
+        length = scaling.original_len if seq_len is None else seq_len
+        s_now = dynamic_factor(s, scaling.original_len, length)
+        return rope_inv_freq(d_head, ntk_theta(theta, d_head, s_now)), 1.0
+    if scaling.kind == "llama3":
+        keep = llama3_keep(base, scaling)
+        return base / s * (1 - keep) + base * keep, 1.0
+    keep = yarn_keep(d_head, theta, scaling)  # kind == "yarn"
+    inv_freq = base / s * (1 - keep) + base * keep  # h(θ_i) = (1 − γ_i) θ_i / s + γ_i θ_i
+    mscale = yarn_attention_factor(s) if scaling.attention_factor is None else float(scaling.attention_factor)
+    return inv_freq, mscale
+
+
+def scaling_from_hf(hf_config: transformers.PretrainedConfig) -> RopeScaling:
+    """The ``RopeScaling`` of a transformers config (``rope_parameters``, or v4's ``rope_scaling``)."""
+    params = dict(getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {})
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return RopeScaling()
+    if kind not in ("linear", "dynamic", "yarn", "llama3") or params.get("mscale") or params.get("mscale_all_dim"):
+        raise ValueError(f"rope_type {kind!r} with {sorted(params)} is not implemented here; Llama.from_hf reads "
+                         "the default RoPE and linear, dynamic, yarn (without DeepSeek's mscale) and llama3")
+    factor = float(params["factor"])
+    if kind == "linear":
+        return RopeScaling("linear", factor)
+    if kind == "dynamic":
+        return RopeScaling("dynamic", factor, original_len=hf_config.max_position_embeddings)
+    original_len = int(params["original_max_position_embeddings"])
+    if kind == "llama3":
+        return RopeScaling("llama3", factor, original_len=original_len,
+                           low_freq_factor=float(params["low_freq_factor"]),
+                           high_freq_factor=float(params["high_freq_factor"]))
+    return RopeScaling("yarn", factor, original_len=original_len, beta_fast=float(params.get("beta_fast") or 32),
+                       beta_slow=float(params.get("beta_slow") or 1), attention_factor=params.get("attention_factor"),
+                       truncate=params.get("truncate", True))
+
+
+def rope_tables(d_head: int, max_len: int, theta: float,
+                scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of angle m·θ_i for positions m < max_len, each (max_len, d_head): θ_i = θ^(-2i/d_head), or
+    as ``scaling`` changes it (its attention factor folded into both; ``dynamic`` is built for max_len).
 
     The frequency of pair i is repeated in columns i and i + d_head/2: HF LLaMA rotates dimension i with
     dimension i + d_head/2 ("rotate half") rather than the paper's adjacent pairs (2i, 2i+1).
     """
-    inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)  # (d_head/2,)
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len={max_len!r} must be a positive integer: the longest input, in tokens")
+    inv_freq, mscale = scaled_inv_freq(d_head, theta, scaling or RopeScaling(), seq_len=max_len)  # (d_head/2,)
     angles = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, d_head/2)
     angles = torch.cat([angles, angles], dim=-1)  # (max_len, d_head)
-    return angles.cos(), angles.sin()
+    return angles.cos() * mscale, angles.sin() * mscale
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -324,7 +481,7 @@ class Llama(nn.Module):
         self.apply(self._init_weights)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.d_head, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.d_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, d_head)
         self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, d_head)
 

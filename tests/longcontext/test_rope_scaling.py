@@ -12,10 +12,10 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, llama_from_hf_scaled, ntk_theta,
+from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, ntk_theta,
                                              rope_inv_freq, scaled_inv_freq, scaled_rope_tables, scaling_from_hf,
                                              use_rope_scaling, yarn_keep)
-from effref.models.llama import Llama, rope_tables
+from effref.models.llama import Llama, LlamaConfig, rope_tables
 
 # (d_head, θ, s, L): LLaMA-2-like, a long-base model, a fractional factor, and the chapter's tiny model
 SETTINGS = [(128, 10000.0, 4.0, 4096), (64, 500000.0, 8.0, 2048), (128, 10000.0, 2.5, 4096), (32, 10000.0, 8.0, 128)]
@@ -26,7 +26,7 @@ def hf_config(scaling: RopeScaling, theta: float, d_head: int, **extra) -> HFLla
                          **hf_rope_kwargs(scaling, theta, d_head), **extra)
 
 
-@pytest.mark.parametrize("kind", ["linear", "yarn"])
+@pytest.mark.parametrize("kind", ["linear", "yarn", "llama3"])
 @pytest.mark.parametrize("d_head, theta, s, L", SETTINGS)
 def test_inv_freq_and_attention_factor_equal_transformers(kind, d_head, theta, s, L):
     scaling = RopeScaling(kind, s, original_len=L)
@@ -90,7 +90,8 @@ def test_yarn_interpolates_slow_pairs_and_keeps_fast_ones():
     RopeScaling("linear", 4.0, original_len=16), RopeScaling("ntk", 4.0, original_len=16),
     RopeScaling("dynamic", 4.0, original_len=16), RopeScaling("yarn", 4.0, original_len=16),
     RopeScaling("yarn", 3.0, original_len=16, beta_fast=8.0, beta_slow=2.0, attention_factor=1.3, truncate=False),
-], ids=["linear", "ntk", "dynamic", "yarn", "yarn-options"])
+    RopeScaling("llama3", 4.0, original_len=16, low_freq_factor=0.5, high_freq_factor=2.0),
+], ids=["linear", "ntk", "dynamic", "yarn", "yarn-options", "llama3"])
 def test_our_scaled_llama_equals_transformers_configured_with_the_same_scaling(scaling, make_ids):
     torch.manual_seed(0)
     base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -106,14 +107,17 @@ def test_our_scaled_llama_equals_transformers_configured_with_the_same_scaling(s
         plain = hf_plain(x).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert (got - plain).abs().max() > 1e-3  # the scaling did change the model
-    # and back: the transformers config reads as the same scaling, and converts to the same model
+    # and back: the transformers config reads as the same scaling, and Llama.from_hf converts it to the same model
     if scaling.kind != "ntk":  # NTK is the default type with another base in transformers
         read = scaling_from_hf(hf_scaled.config)  # linear needs no original length, and transformers has none
         assert read == (dataclasses.replace(scaling, original_len=None) if scaling.kind == "linear" else scaling)
-        with torch.no_grad():
-            torch.testing.assert_close(llama_from_hf_scaled(hf_scaled, max_len=64)(x), expected, rtol=1e-5,
-                                       atol=1e-5)
-        assert hf_scaled.config.rope_parameters["rope_type"] == scaling.kind  # the model's config is restored
+    converted = Llama.from_hf(hf_scaled)
+    if scaling.kind == "dynamic":  # built for max_position_embeddings = L, where nothing is scaled yet
+        assert converted.cfg.max_seq_len == 16
+        use_rope_scaling(converted, converted.cfg.rope_scaling, max_len=64)  # rebuilt for the length we run at
+    n = converted.cfg.max_seq_len  # s·L from the config (yarn-options: 48); causal, so a prefix compares
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x[:, :n]), expected[:, :n], rtol=1e-5, atol=1e-5)
 
 
 def test_no_scaling_restores_the_trained_model(make_llama, make_ids):
@@ -163,7 +167,22 @@ def test_bad_table_arguments_are_refused_by_name(make_llama):
         scaled_rope_tables(8, 0, 10000.0, RopeScaling())
     with pytest.raises(TypeError, match="scaling must be a RopeScaling"):
         use_rope_scaling(make_llama(), {"kind": "linear"}, 64)
-    with pytest.raises(ValueError, match="rope_type 'llama3'"):
-        scaling_from_hf(HFLlamaConfig(rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4,
-                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    with pytest.raises(ValueError, match="rope_type 'longrope'"):
+        scaling_from_hf(HFLlamaConfig(rope_parameters={"rope_type": "longrope", "factor": 8.0, "rope_theta": 1e4,
+                                                       "short_factor": [1.0] * 4, "long_factor": [2.0] * 4,
                                                        "original_max_position_embeddings": 8192}))
+
+
+def test_a_config_with_a_scaling_that_is_not_a_rope_scaling_is_refused():
+    with pytest.raises(TypeError, match="rope_scaling must be a RopeScaling, got dict"):
+        LlamaConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=4, n_kv_heads=4, d_ff=32,
+                    rope_scaling={"kind": "linear", "factor": 2.0})
+
+
+def test_a_llama_built_with_a_scaling_equals_one_scaled_afterwards(make_llama, make_ids):
+    scaling = RopeScaling("yarn", 4.0, original_len=16)
+    after = use_rope_scaling(make_llama(), scaling, max_len=64)
+    built = make_llama(rope_scaling=scaling)
+    assert built.cfg == after.cfg
+    with torch.no_grad():
+        torch.testing.assert_close(built(make_ids(64)), after(make_ids(64)), rtol=0, atol=0)
