@@ -7,6 +7,7 @@
 - ``alibi``: ALiBi's linear biases and geometric head slopes.
 - ``xpos``: xPOS, RoPE with an exponential decay.
 - ``pose``: PoSE's skip-wise position ids, and the training loop that uses them.
+- ``sliding_window``: Mistral's sliding-window attention and its rolling-buffer KV cache.
 """
 
 from effref.longcontext.alibi import ALiBiAttention, alibi_bias, alibi_slopes, use_alibi
@@ -14,10 +15,13 @@ from effref.longcontext.pose import PoSEConfig, pose_batch, pose_position_ids, t
 from effref.longcontext.positions import PositionalAttention, at_positions, install_rope_tables, swap_attention
 from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, scaled_inv_freq, scaled_rope_tables,
                                              scaling_from_hf, use_rope_scaling)
+from effref.longcontext.sliding_window import (SlidingWindowAttention, SlidingWindowCache, sliding_window_attention,
+                                               sliding_window_mask, use_sliding_window)
 from effref.longcontext.xpos import XPosAttention, use_xpos, xpos_decay, xpos_scale
 
 __all__ = ["ALiBiAttention", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
            "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables",
            "pose_batch", "pose_position_ids", "scaled_inv_freq", "scaled_rope_tables", "scaling_from_hf",
-           "swap_attention", "train_context", "use_alibi", "use_rope_scaling", "use_xpos", "xpos_decay",
+           "SlidingWindowAttention", "SlidingWindowCache", "sliding_window_attention", "sliding_window_mask",
+           "swap_attention", "train_context", "use_alibi", "use_rope_scaling", "use_sliding_window", "use_xpos", "xpos_decay",
            "xpos_scale"]
