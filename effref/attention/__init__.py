@@ -12,17 +12,28 @@ the chapter can time them side by side and ``use_attention`` can swap any of the
 """
 
 from effref.attention.flash import flash_attention_tiled
-from effref.attention.interface import (AttentionSwap, check_qkv, expand_kv, softmax_attention,
-                                        use_attention)
-from effref.attention.linear import (elu_feature_map, kernel_attention, linear_attention,
-                                     linear_attention_recurrent)
+from effref.attention.interface import AttentionSwap, check_qkv, expand_kv, softmax_attention, use_attention
+from effref.attention.linear import (
+    elu_feature_map,
+    kernel_attention,
+    linear_attention,
+    linear_attention_recurrent,
+)
 from effref.attention.linformer import linformer_attention, linformer_projection
 from effref.attention.nystrom import iterative_pinv, nystrom_attention, segment_means
 from effref.attention.performer import favor_features, orthogonal_gaussian, performer_attention
 from effref.attention.reformer import lsh_buckets, reformer_attention, shared_qk_attention
-from effref.attention.sparse import (SparsePattern, bigbird_attention, fixed_pattern, longformer_attention,
-                                     random_keys, sparse_attention, sparse_transformer_attention,
-                                     strided_pattern, window_global_pattern)
+from effref.attention.sparse import (
+    SparsePattern,
+    bigbird_attention,
+    fixed_pattern,
+    longformer_attention,
+    random_keys,
+    sparse_attention,
+    sparse_transformer_attention,
+    strided_pattern,
+    window_global_pattern,
+)
 
 __all__ = ["AttentionSwap", "SparsePattern", "bigbird_attention", "check_qkv", "elu_feature_map", "expand_kv",
            "favor_features", "fixed_pattern", "flash_attention_tiled", "iterative_pinv", "kernel_attention",

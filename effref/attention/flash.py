@@ -40,7 +40,7 @@ def flash_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, 
     positive_int("block_k", block_k, "use a tile width such as 64")
     k, v = expand_kv(k, group), expand_kv(v, group)  # (B, H, T_k, D)
     scale = scale if scale is not None else 1 / math.sqrt(q.shape[-1])
-    B, H, T_q, D = q.shape
+    B, H, T_q, _ = q.shape
     T_k = k.shape[2]
     out = torch.empty_like(q)  # (B, H, T_q, D)
     lse = torch.empty(B, H, T_q, dtype=torch.float32, device=q.device)  # (B, H, T_q)

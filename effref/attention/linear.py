@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from effref.attention.interface import check_qkv, expand_kv
 
 
-
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     """φ(x) = elu(x) + 1 > 0, elementwise (Eq. 7)."""
     return F.elu(x) + 1

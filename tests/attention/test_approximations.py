@@ -7,13 +7,25 @@ random draw makes single steps noisy, fall below a third of the first one). Scor
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from effref.attention import (elu_feature_map, iterative_pinv, linear_attention, linear_attention_recurrent,
-                              linformer_attention, linformer_projection, nystrom_attention, orthogonal_gaussian,
-                              performer_attention, reformer_attention, shared_qk_attention)
+from effref.attention import (
+    elu_feature_map,
+    iterative_pinv,
+    linear_attention,
+    linear_attention_recurrent,
+    linformer_attention,
+    linformer_projection,
+    nystrom_attention,
+    orthogonal_gaussian,
+    performer_attention,
+    reformer_attention,
+    shared_qk_attention,
+)
 
 
 def rel_err(approx, exact):
@@ -27,7 +39,7 @@ def moderate_qkv(B=1, H=2, T=64, D=16, seed=0):
 
 
 def strictly_falling(errors):
-    return all(b < a for a, b in zip(errors, errors[1:]))
+    return all(b < a for a, b in itertools.pairwise(errors))
 
 
 def test_nystrom_error_falls_as_landmarks_grow():

@@ -8,9 +8,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effref.attention import (bigbird_attention, flash_attention_tiled, linear_attention, linformer_attention,
-                              linformer_projection, longformer_attention, nystrom_attention, performer_attention,
-                              reformer_attention, softmax_attention, sparse_transformer_attention, use_attention)
+from effref.attention import (
+    bigbird_attention,
+    flash_attention_tiled,
+    linear_attention,
+    linformer_attention,
+    linformer_projection,
+    longformer_attention,
+    nystrom_attention,
+    performer_attention,
+    reformer_attention,
+    softmax_attention,
+    sparse_transformer_attention,
+    use_attention,
+)
 from effref.models.llama import Llama, LlamaConfig
 
 

@@ -9,9 +9,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from effref.attention import (bigbird_attention, fixed_pattern, longformer_attention, lsh_buckets, random_keys,
-                              reformer_attention, sparse_transformer_attention, strided_pattern,
-                              window_global_pattern)
+from effref.attention import (
+    bigbird_attention,
+    fixed_pattern,
+    longformer_attention,
+    lsh_buckets,
+    random_keys,
+    reformer_attention,
+    sparse_transformer_attention,
+    strided_pattern,
+    window_global_pattern,
+)
 
 
 def loop_mask(T, allowed, causal):
