@@ -8,7 +8,7 @@ Implements:
   information of a token: I(x_t) = −log p_small(x_t | x̃_<t), where x̃ is the *already compressed* prefix.
   budget controller: for a target ratio τ over a prompt of L = L_ins + L_dem + L_que tokens, the instruction
       and question keep their own ratios τ_ins, τ_que, and the demonstrations get what is left,
-        B_dem = round(τ L) − round(τ_ins L_ins) − round(τ_que L_que);
+        B_dem = ⌊τ L⌋ − ⌊τ_ins L_ins⌋ − ⌊τ_que L_que⌋;
       coarse step: demonstrations sorted by perplexity, highest first, are kept while their tokens total at
       most k · B_dem (granular control k), then put back in their original order.
   iterative compression: the prompt is cut into segments of ``segment_len`` tokens; segment j is scored
@@ -25,6 +25,7 @@ condition the demonstrations (that is LongLLMLingua's question-aware extension).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,9 +41,10 @@ def _check_ratio(ratio: float, name: str = "ratio") -> None:
 
 
 def budget(n_tokens: int, ratio: float) -> int:
-    """Tokens kept from ``n_tokens`` at ``ratio``: round(ratio · n), at least one of a non-empty text."""
+    """Tokens kept from ``n_tokens`` at ``ratio``: ⌊ratio · n⌋ (never above the ratio), at least one of a
+    non-empty text."""
     _check_ratio(ratio)
-    return min(n_tokens, max(1, round(ratio * n_tokens))) if n_tokens else 0
+    return min(n_tokens, max(1, math.floor(ratio * n_tokens + 1e-9))) if n_tokens else 0
 
 
 def select_tokens(scores: torch.Tensor, keep: int, protected: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,14 +63,19 @@ def select_tokens(scores: torch.Tensor, keep: int, protected: torch.Tensor | Non
 
 
 @torch.no_grad()
-def compress_tokens(model, ids: torch.Tensor, ratio: float, protected: torch.Tensor | None = None,
-                    segment_len: int = 64, prefix: torch.Tensor | None = None) -> torch.Tensor:
-    """Iterative token-level compression of ``ids`` (T,): a keep mask (T,) with exactly ``budget(T, ratio)`` True.
+def compress_tokens(model, ids: torch.Tensor, ratio: float | None = None, protected: torch.Tensor | None = None,
+                    segment_len: int = 64, prefix: torch.Tensor | None = None, keep: int | None = None
+                    ) -> torch.Tensor:
+    """Iterative token-level compression of ``ids`` (T,): a keep mask (T,) with exactly ``budget(T, ratio)``
+    (or ``keep``) True.
 
     Each segment is scored by ``model`` after ``prefix`` (e.g. the compressed text before these ids) and the
     compressed segments so far. With no prefix the first token has no context; it is then kept first.
     """
-    _check_ratio(ratio)
+    if (ratio is None) == (keep is None):
+        raise ValueError("pass exactly one of ratio (a fraction in (0, 1]) and keep (a token count)")
+    if ratio is not None:
+        _check_ratio(ratio)
     if ids.dim() != 1 or ids.numel() == 0:
         raise ValueError(f"ids has shape {tuple(ids.shape)}; need a non-empty 1-D tensor of token ids")
     if segment_len < 1:
@@ -76,7 +83,9 @@ def compress_tokens(model, ids: torch.Tensor, ratio: float, protected: torch.Ten
     protected = torch.zeros_like(ids, dtype=torch.bool) if protected is None else protected.to(ids.device)
     if protected.shape != ids.shape:
         raise ValueError(f"protected has shape {tuple(protected.shape)}; need one flag per token, {tuple(ids.shape)}")
-    keep_total = budget(ids.numel(), ratio)
+    keep_total = budget(ids.numel(), ratio) if keep is None else keep
+    if not 1 <= keep_total <= ids.numel():
+        raise ValueError(f"keep={keep_total} must be between 1 and the {ids.numel()} tokens there are")
     n_protected = int(protected.sum())
     if n_protected > keep_total:
         raise ValueError(f"protected spans hold {n_protected} tokens but ratio={ratio} keeps {keep_total} of "
@@ -179,9 +188,7 @@ def compress_prompt(model, tokenizer, instruction: str, demonstrations: Sequence
                                  "raise the ratio")
             continue
         ids_t = torch.tensor(ids, device=device)
-        mask = compress_tokens(model, ids_t, keep / len(ids), prot, segment_len, prefix=kept)
-        if int(mask.sum()) != keep:  # keep / len · len rounds back to keep; guard the arithmetic
-            raise RuntimeError(f"kept {int(mask.sum())} tokens for a budget of {keep}")
+        mask = compress_tokens(model, ids_t, keep=keep, protected=prot, segment_len=segment_len, prefix=kept)
         kept = torch.cat([kept, ids_t[mask]])
     out = kept.tolist()
     return CompressedPrompt(out, tokenizer.decode(out), n_total, chosen, time.perf_counter() - start)

@@ -109,7 +109,7 @@ def test_entropy_probing_picks_the_order_whose_predictions_are_balanced():
     best, scores = order_by_entropy(3, probe, max_orders=6)
     assert tuple(best) == good and len(scores) == 6
     assert sorted(s[0] for s in scores) == list(itertools.permutations(range(3)))
-    sampled, scores = order_by_entropy(5, probe, max_orders=7, seed=1)
+    _, scores = order_by_entropy(5, probe, max_orders=7, seed=1)
     assert len({s[0] for s in scores}) == 7
     assert order_by_entropy(5, probe, max_orders=7, seed=1)[1] == scores  # deterministic for a seed
 
