@@ -105,7 +105,7 @@ def train_gist(model: Llama, gist: GistTokens, batches: Callable[[int], tuple[to
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     model.eval()
     return losses
 
