@@ -16,9 +16,13 @@ Left out: interactive plots and LaTeX rendering (mathtext covers the book's labe
 
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import numbers
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib as mpl
 import matplotlib.pyplot as plt
@@ -176,10 +180,60 @@ def human_count(n: float) -> str:
     return _human(_check_number("n", n), 1000, ["", "K", "M", "B", "T"])
 
 
+RECORDS_ENV = "EFFREF_RECORDS_DIR"  # where chapters' records go; default: <repository>/_build/records
+CHAPTER_ENV = "EFFREF_CHAPTER"  # the running chapter, e.g. book/inference/serving.md; default: found from the name
+_BOOK = Path(__file__).resolve().parent.parent / "book"
+
+
+def records_dir() -> Path:
+    """The folder of the chapters' JSON records (``$EFFREF_RECORDS_DIR``, else ``_build/records`` of the
+    repository)."""
+    return Path(os.environ.get(RECORDS_ENV) or _BOOK.parent / "_build" / "records")
+
+
+def _running_chapter(name: str) -> Path | None:
+    """The chapter that glues ``name``: ``$EFFREF_CHAPTER`` if set; else, when the working folder is a part of
+    the book (nbval and Jupyter Book run a chapter in its own folder), the one chapter there whose source
+    mentions ``name`` in quotes or backticks. None when neither says (a script, a test, an ambiguous name)."""
+    if os.environ.get(CHAPTER_ENV):
+        return Path(os.environ[CHAPTER_ENV])
+    cwd = Path.cwd().resolve()
+    if cwd.parent != _BOOK and cwd != _BOOK:
+        return None
+    found = [p for p in sorted(cwd.glob("*.md")) if any(f"{q}{name}{e}" in p.read_text(encoding="utf-8")
+                                                        for q, e in (('"', '"'), ("`", ":"), ("`", "`")))]
+    return found[0].relative_to(_BOOK.parent) if len(found) == 1 else None
+
+
+def record(name: str, value, chapter: str | Path | None = None) -> Path | None:
+    """Add ``name = value`` to the chapter's record, ``<records_dir()>/<part>__<chapter>.json`` (one JSON object
+    ``{"chapter": ..., "values": {name: {"value": ..., "at": ISO time}}}``); return its path, or None when the
+    chapter is unknown (see ``_running_chapter``) or ``value`` is not a JSON number or string."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):
+        return None
+    chapter = Path(chapter) if chapter is not None else _running_chapter(name)
+    if chapter is None:
+        return None
+    path = records_dir() / ("__".join(chapter.with_suffix("").parts[-2:]) + ".json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {"chapter": chapter.as_posix(), "values": {}}
+    data["values"][name] = {"value": float(value) if isinstance(value, numbers.Real) else value,
+                            "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(data, indent=1, sort_keys=True))
+    scratch.replace(path)  # atomic: a reader never sees half a file
+    return path
+
+
 def glue(name: str, value):
     """Hand a computed number to the rendered book's prose and return it: MyST-NB's ``{glue:text}`name:.1f```
-    shows it, formatted by the spec after the colon. Without MyST-NB (Colab, plain Jupyter) it only returns it."""
+    shows it, formatted by the spec after the colon. Without MyST-NB (Colab, plain Jupyter) it only returns it.
+
+    When a chapter of the book runs, the value is also written to that chapter's record (``record``), which the
+    performance report reads: the book's headline numbers are gathered without copying any by hand."""
     value = value.item() if hasattr(value, "item") else value  # a torch or numpy scalar → a Python number
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value):
+        record(name, value)
     try:
         from myst_nb import glue as myst_glue
     except ImportError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import matplotlib
@@ -144,3 +145,42 @@ def test_results_table_sorts_rounds_and_stays_a_dataframe():
 def test_results_table_rejects_bad_arguments(rows, kwargs, match):
     with pytest.raises(ValueError, match=match):
         results_table(rows, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ records
+
+
+def test_glue_records_the_value_under_the_chapter_that_mentions_its_name(tmp_path, monkeypatch):
+    from effref import plotting
+
+    book = tmp_path / "book"
+    (book / "part").mkdir(parents=True)
+    (book / "part" / "one.md").write_text('glue("speed_up", x) and {glue:text}`speed_up:.2f`')
+    (book / "part" / "two.md").write_text("nothing glued here")
+    monkeypatch.setattr(plotting, "_BOOK", book)
+    monkeypatch.setenv(plotting.RECORDS_ENV, str(tmp_path / "records"))
+    monkeypatch.delenv(plotting.CHAPTER_ENV, raising=False)
+    monkeypatch.chdir(book / "part")
+    assert plotting.glue("speed_up", 2.5) == 2.5
+    assert plotting.glue("speed_up", 3) == 3  # the latest run wins
+    plotting.glue("not_in_any_chapter", 1.0)  # no chapter names it: not recorded
+    data = json.loads((tmp_path / "records" / "part__one.json").read_text())
+    assert data["chapter"] == "book/part/one.md"
+    assert data["values"]["speed_up"]["value"] == 3.0
+    assert set(data["values"]) == {"speed_up"}
+
+
+def test_glue_records_nothing_outside_the_book_and_honours_an_explicit_chapter(tmp_path, monkeypatch):
+    from effref import plotting
+
+    monkeypatch.setenv(plotting.RECORDS_ENV, str(tmp_path / "records"))
+    monkeypatch.delenv(plotting.CHAPTER_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    plotting.glue("x", 1.0)
+    assert not (tmp_path / "records").exists()
+    monkeypatch.setenv(plotting.CHAPTER_ENV, "book/inference/serving.md")
+    plotting.glue("x", float("nan"))  # not a finite number: never recorded
+    assert not (tmp_path / "records").exists()
+    plotting.glue("x", 4.0)
+    assert json.loads((tmp_path / "records" / "inference__serving.json").read_text())["values"]["x"]["value"] == 4.0
+    assert plotting.record("label", True) is None  # a bool is not a measurement
