@@ -168,8 +168,11 @@ def compress_prompt(model, tokenizer, instruction: str, demonstrations: Sequence
         raise ValueError(f"ratio={ratio} keeps {b_total} tokens, fewer than the instruction ({b_ins}) and question "
                          f"({b_que}) keep at their own ratios; lower instruction_ratio / question_ratio or raise ratio")
     # coarse: demonstrations by perplexity (mean information), highest first; protected ones always stay
-    ppl = [float(token_information(model, torch.tensor(ids, device=device)).mean()) if len(ids) > 1 else 0.0
-           for ids, _ in demos]
+    if sum(len(ids) for ids, _ in demos) <= granularity * b_dem:  # all fit: no need to rank them
+        ppl = [0.0] * len(demos)
+    else:
+        ppl = [float(token_information(model, torch.tensor(ids, device=device)).mean()) if len(ids) > 1 else 0.0
+               for ids, _ in demos]
     chosen, used = [], 0
     for i in sorted(range(len(demos)), key=lambda i: (not bool(demos[i][1].any()), -ppl[i])):
         if bool(demos[i][1].any()) or used + len(demos[i][0]) <= granularity * b_dem:

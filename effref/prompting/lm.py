@@ -92,18 +92,30 @@ def hidden_states(model: Llama, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def embed_texts(model: Llama, tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """One vector per text (N, d_model): the model's final hidden states, mean-pooled over the text's tokens."""
+def embed_texts(model: Llama, tokenizer, texts: Sequence[str], batch_size: int = 16) -> torch.Tensor:
+    """One vector per text (N, d_model): the model's final hidden states, mean-pooled over the text's tokens.
+
+    Texts are right-padded into batches; a causal model's states at real tokens never see the padding, and
+    the mean runs over the real tokens only."""
     if len(texts) == 0:
         raise ValueError("texts is empty; pass at least one text to embed")
+    token_lists = [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
+    if any(len(ids) == 0 for ids in token_lists):
+        empty = next(t for t, ids in zip(texts, token_lists) if not ids)
+        raise ValueError(f"text {empty!r} has no tokens; drop empty texts before embedding")
     device = model.embed.weight.device
     rows = []
-    for text in texts:
-        ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids], device=device)  # (1, T)
-        if ids.shape[1] == 0:
-            raise ValueError(f"text {text!r} has no tokens; drop empty texts before embedding")
-        rows.append(hidden_states(model, ids)[0].mean(0))  # (d_model,)
-    return torch.stack(rows)  # (N, d_model)
+    for start in range(0, len(token_lists), batch_size):
+        chunk = token_lists[start:start + batch_size]
+        T = max(len(ids) for ids in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long, device=device)  # (b, T), right-padded
+        real = torch.zeros(len(chunk), T, 1, device=device)  # (b, T, 1): 1 at real tokens
+        for row, tokens in enumerate(chunk):
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            real[row, :len(tokens)] = 1.0
+        states = hidden_states(model, ids)  # (b, T, d_model)
+        rows.append((states * real).sum(1) / real.sum(1))  # (b, d_model)
+    return torch.cat(rows)  # (N, d_model)
 
 
 @torch.no_grad()
