@@ -8,6 +8,7 @@
 - ``xpos``: xPOS, RoPE with an exponential decay.
 - ``pose``: PoSE's skip-wise position ids, and the training loop that uses them.
 - ``knn_memory``: Memorizing Transformers' kNN-augmented attention over an external memory (exact search).
+- ``landmark``: Landmark attention's grouped softmax and top-k block retrieval.
 - ``longnet``: LongNet's dilated attention and its mixture over (segment, dilation) patterns.
 - ``pcw``: Parallel Context Windows: windows encoded side by side at shared positions, read by the task tokens.
 - ``retnet``: RetNet's retention in its parallel, recurrent and chunk-wise forms, and multi-scale retention.
@@ -16,6 +17,7 @@
 
 from effref.longcontext.alibi import ALiBiAttention, alibi_bias, alibi_slopes, use_alibi
 from effref.longcontext.knn_memory import KNNMemory, knn_attention, knn_augmented_attention
+from effref.longcontext.landmark import block_mean_keys, grouped_softmax_weights, landmark_attention
 from effref.longcontext.longnet import dilated_attention, dilated_mask
 from effref.longcontext.pcw import ParallelContextCache, parallel_context_cache, pcw_generate, pcw_logits
 from effref.longcontext.pose import PoSEConfig, pose_batch, pose_position_ids, train_context
@@ -31,7 +33,7 @@ from effref.longcontext.xpos import XPosAttention, use_xpos, xpos_decay, xpos_sc
 __all__ = ["ALiBiAttention", "MultiScaleRetention", "retention_chunkwise", "retention_gammas", "retention_parallel",
            "retention_recurrent", "ParallelContextCache", "parallel_context_cache", "pcw_generate", "pcw_logits",
            "dilated_attention", "dilated_mask", "KNNMemory", "knn_attention",
-           "knn_augmented_attention", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
+           "knn_augmented_attention", "block_mean_keys", "grouped_softmax_weights", "landmark_attention", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
            "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables",
            "pose_batch", "pose_position_ids", "scaled_inv_freq", "scaled_rope_tables", "scaling_from_hf",
            "SlidingWindowAttention", "SlidingWindowCache", "sliding_window_attention", "sliding_window_mask",
