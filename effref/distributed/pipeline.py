@@ -4,10 +4,10 @@ Papers: Huang et al. (2019), "GPipe", arXiv:1811.06965 — all forwards, then al
 Narayanan et al. (2019), "PipeDream", and (2021), "Efficient large-scale language model training on GPU
 clusters using Megatron-LM", arXiv:2104.04473, §2.2 — the 1F1B schedule (one forward, one backward, in turn).
 Implements: p stages (one rank each) and m micro-batches. A schedule is data: for every stage, the ordered
-list of operations ("F", i) and ("B", i). ``simulate`` times a schedule from its dependencies alone (F of stage s
-waits for F of stage s − 1, B waits for B of stage s + 1) and counts the idle time. With forward time t_f and
-backward time t_b per micro-batch and stage, both schedules finish after (m + p − 1)(t_f + t_b), so the bubble
-is
+list of operations ("F", i) and ("B", i). ``simulate`` times a schedule from its dependencies alone (F of
+stage s waits for F of stage s − 1, B waits for B of stage s + 1) and counts the idle time. With forward time
+t_f and backward time t_b per micro-batch and stage, both schedules finish after (m + p − 1)(t_f + t_b), so the
+bubble is
     idle fraction = (p − 1) / (m + p − 1);
 1F1B keeps at most p − s micro-batches' activations alive on stage s instead of GPipe's m.
 ``train_step`` runs a schedule on real ranks: activations go forward and their gradients backward by

@@ -26,7 +26,7 @@ def make_model():
 
 
 def pipeline_worker():
-    """Both schedules, a few SGD steps each, on this rank's stage; plus the error of a bad micro-batch count."""
+    """Both schedules, a few SGD steps each, on this rank's stage; then a micro-batch count that cannot work."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out = {}
     for schedule in ("gpipe", "1f1b"):
