@@ -34,16 +34,20 @@ def _positive(**values) -> None:
             raise ValueError(f"{name}={value!r} must be > 0")
 
 
-def model_state_bytes(params: float, gpus: int, strategy: str = "DP", k: float = 12, tp: int = 1,
-                      pp: int = 1) -> dict[str, float]:
-    """Bytes per GPU of fp16 weights, fp16 gradients and optimizer states (and CPU bytes, for offload)."""
-    _positive(params=params, gpus=gpus, k=k, tp=tp, pp=pp)
+def memory_per_gpu(params: float, gpus: int, strategy: str = "DP", k: float = 12, tp: int = 1, pp: int = 1,
+                   param_bytes: int = 2) -> dict[str, float]:
+    """Bytes per GPU of weights, gradients and optimizer states (and CPU bytes, for offload).
+
+    ``param_bytes`` per weight and per gradient: 2 in mixed precision (the paper), 4 for fp32 training (then
+    Adam's K = 8: momentum and variance, no master copy).
+    """
+    _positive(params=params, gpus=gpus, k=k, tp=tp, pp=pp, param_bytes=param_bytes)
     if strategy not in STRATEGIES + ("ZeRO-Offload",):
         raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES + ('ZeRO-Offload',)}")
     psi = params / (tp * pp)  # model states of this GPU's tensor and pipeline shard
     level = {"DP": 0, "ZeRO-1": 1, "ZeRO-2": 2, "ZeRO-3": 3, "ZeRO-Offload": 2}[strategy]
-    sizes = {"weights": 2 * psi / (gpus if level >= 3 else 1),
-             "gradients": 2 * psi / (gpus if level >= 2 else 1),
+    sizes = {"weights": param_bytes * psi / (gpus if level >= 3 else 1),
+             "gradients": param_bytes * psi / (gpus if level >= 2 else 1),
              "optimizer": k * psi / (gpus if level >= 1 else 1)}
     cpu = 0.0
     if strategy == "ZeRO-Offload":
@@ -101,6 +105,6 @@ def least_sharded_fit(params: float, gpus: int, gpu_bytes: float = 80e9, k: floa
     """
     _positive(gpu_bytes=gpu_bytes)
     for strategy in STRATEGIES:
-        if model_state_bytes(params, gpus, strategy, k)["gpu_total"] <= gpu_bytes:
+        if memory_per_gpu(params, gpus, strategy, k)["gpu_total"] <= gpu_bytes:
             return strategy
     return None

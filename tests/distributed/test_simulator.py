@@ -7,7 +7,7 @@ from effref.distributed.simulator import (
     bubble_fraction,
     communication_elements,
     least_sharded_fit,
-    model_state_bytes,
+    memory_per_gpu,
     pipeline_bytes,
     tensor_parallel_bytes,
     transfer_seconds,
@@ -18,20 +18,22 @@ from effref.distributed.simulator import (
                                                  ("ZeRO-3", 1.9)])
 def test_figure_1_of_the_zero_paper(strategy, gigabytes):
     """Ψ = 7.5 B, N_d = 64, K = 12: 120 GB, 31.4 GB, 16.6 GB and 1.9 GB per GPU (as printed, one decimal)."""
-    got = model_state_bytes(7.5e9, 64, strategy, k=12)["gpu_total"] / 1e9
+    got = memory_per_gpu(7.5e9, 64, strategy, k=12)["gpu_total"] / 1e9
     assert round(got, 1) == gigabytes
 
 
 def test_the_formulas_term_by_term():
     psi, n, k = 1e9, 8, 12
-    assert model_state_bytes(psi, n, "DP") == {"weights": 2e9, "gradients": 2e9, "optimizer": 12e9,
+    assert memory_per_gpu(psi, n, "DP") == {"weights": 2e9, "gradients": 2e9, "optimizer": 12e9,
                                                "gpu_total": 16e9, "cpu": 0.0}
-    assert model_state_bytes(psi, n, "ZeRO-2")["gpu_total"] == pytest.approx(2 * psi + (2 + k) * psi / n)
-    offload = model_state_bytes(psi, n, "ZeRO-Offload")
+    assert memory_per_gpu(psi, n, "ZeRO-2")["gpu_total"] == pytest.approx(2 * psi + (2 + k) * psi / n)
+    offload = memory_per_gpu(psi, n, "ZeRO-Offload")
     assert offload["gpu_total"] == 2 * psi and offload["cpu"] == pytest.approx((2 + k) * psi / n)
+    fp32 = memory_per_gpu(psi, n, "ZeRO-1", k=8, param_bytes=4)  # fp32 Adam: 4 + 4 + 8/N_d bytes per parameter
+    assert fp32["gpu_total"] == pytest.approx(4 * psi + 4 * psi + 8 * psi / n)
     # tensor and pipeline parallelism divide every model state by t·p
-    assert model_state_bytes(psi, n, "ZeRO-1", tp=4, pp=2)["gpu_total"] == pytest.approx(
-        model_state_bytes(psi / 8, n, "ZeRO-1")["gpu_total"])
+    assert memory_per_gpu(psi, n, "ZeRO-1", tp=4, pp=2)["gpu_total"] == pytest.approx(
+        memory_per_gpu(psi / 8, n, "ZeRO-1")["gpu_total"])
 
 
 def test_zero_3_moves_one_and_a_half_times_the_bytes_of_data_parallelism():
@@ -45,7 +47,7 @@ def test_zero_3_moves_one_and_a_half_times_the_bytes_of_data_parallelism():
 
 def test_a_trillion_parameters_fit_on_1024_gpus_with_zero_3_only():
     """The ZeRO paper's headline: 1 T parameters, 1024 GPUs, ZeRO-3 → 16 TB / 1024 ≈ 15.6 GB per GPU."""
-    assert model_state_bytes(1e12, 1024, "ZeRO-3")["gpu_total"] == pytest.approx(15.625e9)
+    assert memory_per_gpu(1e12, 1024, "ZeRO-3")["gpu_total"] == pytest.approx(15.625e9)
     assert least_sharded_fit(1e12, 1024, gpu_bytes=32e9) == "ZeRO-3"
     assert least_sharded_fit(7.5e9, 64, gpu_bytes=32e9) == "ZeRO-1"
     assert least_sharded_fit(7.5e9, 64, gpu_bytes=130e9) == "DP"
@@ -67,10 +69,11 @@ def test_communication_of_tensor_and_pipeline_parallelism():
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: model_state_bytes(1e9, 8, "ZeRO-4"), "strategy='ZeRO-4'"),
-    (lambda: model_state_bytes(0, 8), "params=0"),
-    (lambda: model_state_bytes(1e9, 0), "gpus=0"),
-    (lambda: model_state_bytes(1e9, 8, k=-1), "k=-1"),
+    (lambda: memory_per_gpu(1e9, 8, "ZeRO-4"), "strategy='ZeRO-4'"),
+    (lambda: memory_per_gpu(0, 8), "params=0"),
+    (lambda: memory_per_gpu(1e9, 0), "gpus=0"),
+    (lambda: memory_per_gpu(1e9, 8, k=-1), "k=-1"),
+    (lambda: memory_per_gpu(1e9, 8, tp=0), "tp=0"),
     (lambda: communication_elements(1e9, "FSDP"), "strategy='FSDP'"),
     (lambda: bubble_fraction(4, 0), "micro_batches=0"),
     (lambda: bubble_fraction(0, 4), "stages=0"),
