@@ -5,6 +5,7 @@
 - ``rope_scaling``: position interpolation (PI), NTK-aware scaling, dynamic NTK, YaRN and Llama 3's bands, for
   our Llama (``Llama.from_hf`` reads them from scaled checkpoints) and as transformers ``rope_parameters``.
 - ``alibi``: ALiBi's linear biases and geometric head slopes.
+- ``transformer_xl``: Transformer-XL's segment-level recurrence and relative position scores.
 - ``xpos``: xPOS, RoPE with an exponential decay.
 - ``pose``: PoSE's skip-wise position ids, and the training loop that uses them.
 - ``knn_memory``: Memorizing Transformers' kNN-augmented attention over an external memory (exact search).
@@ -28,12 +29,14 @@ from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, scaled
                                              scaling_from_hf, use_rope_scaling)
 from effref.longcontext.sliding_window import (SlidingWindowAttention, SlidingWindowCache, sliding_window_attention,
                                                sliding_window_mask, use_sliding_window)
+from effref.longcontext.transformer_xl import RelativeAttention, TransformerXL
 from effref.longcontext.xpos import XPosAttention, use_xpos, xpos_decay, xpos_scale
 
 __all__ = ["ALiBiAttention", "MultiScaleRetention", "retention_chunkwise", "retention_gammas", "retention_parallel",
            "retention_recurrent", "ParallelContextCache", "parallel_context_cache", "pcw_generate", "pcw_logits",
            "dilated_attention", "dilated_mask", "KNNMemory", "knn_attention",
-           "knn_augmented_attention", "block_mean_keys", "grouped_softmax_weights", "landmark_attention", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
+           "knn_augmented_attention", "block_mean_keys", "grouped_softmax_weights", "landmark_attention", "RelativeAttention",
+           "TransformerXL", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
            "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables",
            "pose_batch", "pose_position_ids", "scaled_inv_freq", "scaled_rope_tables", "scaling_from_hf",
            "SlidingWindowAttention", "SlidingWindowCache", "sliding_window_attention", "sliding_window_mask",
