@@ -12,6 +12,7 @@
 - ``landmark``: Landmark attention's grouped softmax and top-k block retrieval.
 - ``longnet``: LongNet's dilated attention and its mixture over (segment, dilation) patterns.
 - ``pcw``: Parallel Context Windows: windows encoded side by side at shared positions, read by the task tokens.
+- ``rmt``: the Recurrent Memory Transformer: memory tokens read and written around every segment.
 - ``retnet``: RetNet's retention in its parallel, recurrent and chunk-wise forms, and multi-scale retention.
 - ``sliding_window``: Mistral's sliding-window attention and its rolling-buffer KV cache.
 """
@@ -25,6 +26,7 @@ from effref.longcontext.pose import PoSEConfig, pose_batch, pose_position_ids, t
 from effref.longcontext.positions import PositionalAttention, at_positions, install_rope_tables, swap_attention
 from effref.longcontext.retnet import (MultiScaleRetention, retention_chunkwise, retention_gammas, retention_parallel,
                                        retention_recurrent)
+from effref.longcontext.rmt import RecurrentMemoryTransformer
 from effref.longcontext.rope_scaling import (RopeScaling, hf_rope_kwargs, scaled_inv_freq, scaled_rope_tables,
                                              scaling_from_hf, use_rope_scaling)
 from effref.longcontext.sliding_window import (SlidingWindowAttention, SlidingWindowCache, sliding_window_attention,
@@ -36,7 +38,7 @@ __all__ = ["ALiBiAttention", "MultiScaleRetention", "retention_chunkwise", "rete
            "retention_recurrent", "ParallelContextCache", "parallel_context_cache", "pcw_generate", "pcw_logits",
            "dilated_attention", "dilated_mask", "KNNMemory", "knn_attention",
            "knn_augmented_attention", "block_mean_keys", "grouped_softmax_weights", "landmark_attention", "RelativeAttention",
-           "TransformerXL", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
+           "TransformerXL", "RecurrentMemoryTransformer", "PoSEConfig", "PositionalAttention", "RopeScaling", "XPosAttention", "alibi_bias",
            "alibi_slopes", "at_positions", "hf_rope_kwargs", "install_rope_tables",
            "pose_batch", "pose_position_ids", "scaled_inv_freq", "scaled_rope_tables", "scaling_from_hf",
            "SlidingWindowAttention", "SlidingWindowCache", "sliding_window_attention", "sliding_window_mask",
