@@ -16,9 +16,9 @@ gradient, which shrinks as 1/T², keeps its size when T changes; we apply the sa
 Everything is computed from log_softmax in float32 (the mixture m by logsumexp), never from probabilities.
 Glossary: z_s, z_t student / teacher logits (B, T, V) · T temperature · β GJSD mixture weight · mask (B, T)
           weights of the positions (1 = scored, 0 = ignored) · V vocabulary size.
-Left out: MiniLLM's sequence-level policy-gradient optimisation (its length normalisation, teacher-mixed
-          sampling and PPO-style clipping) — here reverse KL is the exact token-level term on given
-          sequences; the trainer supplies on-policy sequences when asked (effref.distillation.trainer).
+Left out: MiniLLM's sequence-level policy-gradient optimisation — here reverse KL is the simpler token-level
+          objective on given sequences, kept beside the paper's method (effref.distillation.minillm, objective
+          "minillm" of the trainer).
 """
 
 from __future__ import annotations

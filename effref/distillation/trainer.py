@@ -1,4 +1,4 @@
-"""One distillation loop, five objectives: supervised, forward KD, reverse KD, GKD on-policy, sequence-level KD.
+"""One distillation loop, six objectives: supervised, forward KD, reverse KD, GKD on-policy, MiniLLM, sequence-level KD.
 
 Papers: Hinton et al. (2015) arXiv:1503.02531 (forward KL on soft targets); Gu et al. (2023) MiniLLM
 arXiv:2306.08543 (reverse KL); Agarwal et al. (2023) GKD arXiv:2306.13649, Algorithm 1 (with probability λ
@@ -11,12 +11,14 @@ tokens) then y — and
   forward_kl   T² KL(p ‖ q) on every position          (teacher live, or cached TeacherTargets)
   reverse_kl   T² KL(q ‖ p) on every position          (same)
   gkd          with probability λ replace y by the student's own sample, then T² GJSD_β on the y positions
+  minillm      every step y ~ α p + (1 − α) q_θ, then MiniLLM's policy-gradient loss on the y positions
+               (effref.distillation.minillm: single-step decomposition, importance weights, length norm)
   seq_kd       NLL on the y positions of rows the teacher wrote (targets.teacher_generations)
 Every on-policy sample is recorded in ``DistillResult.samples`` (and ``sampler`` may be injected), so a test can
 check that the sequences the teacher scored are the student's.
 Glossary: x prompt (prompt_len tokens) · y continuation · q student, p teacher · λ ``on_policy`` · β ``beta``
           · T ``temperature`` · b batch size · w per-position weights (``weights`` or the y mask).
-Left out: learning-rate schedules, gradient accumulation, mixed precision, MiniLLM's policy-gradient term.
+Left out: learning-rate schedules, gradient accumulation, mixed precision.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ import torch
 from torch import nn
 
 from effref.distillation.losses import DIVERGENCES, check_vocab, sequence_nll
+from effref.distillation.minillm import minillm_surrogate, mixed_sample
 from effref.distillation.targets import TeacherTargets
 from effref.models.calls import forward_logits, model_device
 from effref.runtime import progress_bar
 
-OBJECTIVES = ("supervised", "forward_kl", "reverse_kl", "gkd", "seq_kd")
+OBJECTIVES = ("supervised", "forward_kl", "reverse_kl", "gkd", "minillm", "seq_kd")
 Sampler = Callable[[nn.Module, torch.Tensor, int], torch.Tensor]  # (student, x (b, P), n) -> (b, P + n)
 
 
@@ -46,6 +49,8 @@ class DistillConfig:
     temperature: float = 1.0  # T of the divergence (T² scaled)
     beta: float = 0.5  # GKD's GJSD mixture weight β
     on_policy: float = 1.0  # GKD's λ: probability that a step trains on the student's own samples
+    mix_alpha: float = 0.2  # MiniLLM's α: the teacher's share of the sampling mixture
+    length_norm: bool = True  # MiniLLM's length-normalised future reward
     sample_temperature: float = 1.0  # the student's sampling temperature for on-policy steps
     prompt_len: int = 8  # gkd and seq_kd: the first prompt_len tokens of a row are context x, not targets
     group_size: int = 1  # rows drawn together (step-by-step: a problem's label row and its rationale row)
@@ -86,16 +91,22 @@ def _check(student: nn.Module, teacher, data: torch.Tensor, weights: torch.Tenso
     if not 0.0 <= cfg.on_policy <= 1.0:
         raise ValueError(f"on_policy={cfg.on_policy} must lie in [0, 1] (GKD's λ: 0 = fixed data, 1 = always "
                          "the student's samples)")
-    if cfg.objective in ("gkd", "seq_kd") and not 1 <= cfg.prompt_len < data.shape[1]:
+    if not 0.0 <= cfg.mix_alpha <= 1.0:
+        raise ValueError(f"mix_alpha={cfg.mix_alpha} must lie in [0, 1] (MiniLLM's teacher share of the sampling "
+                         "mixture; the paper uses 0.2)")
+    if cfg.objective in ("gkd", "minillm", "seq_kd") and not 1 <= cfg.prompt_len < data.shape[1]:
         raise ValueError(f"prompt_len={cfg.prompt_len} must lie in [1, L - 1] = [1, {data.shape[1] - 1}] so "
                          "that every row keeps some continuation tokens to score")
-    needs_teacher = cfg.objective in ("forward_kl", "reverse_kl", "gkd")
+    needs_teacher = cfg.objective in ("forward_kl", "reverse_kl", "gkd", "minillm")
     if needs_teacher and teacher is None:
         raise ValueError(f"objective={cfg.objective!r} needs a teacher (a model or TeacherTargets); "
                          "use objective='seq_kd' to learn from teacher text alone")
     if not needs_teacher and teacher is not None:
         raise ValueError(f"objective={cfg.objective!r} reads no teacher; pass teacher=None (seq_kd's teacher "
                          "has already written the data: targets.teacher_generations)")
+    if isinstance(teacher, TeacherTargets) and cfg.objective == "minillm":
+        raise ValueError("MiniLLM samples from a mixture with the teacher and scores fresh samples; pass the "
+                         "teacher model, not cached TeacherTargets")
     if isinstance(teacher, TeacherTargets) and cfg.objective == "gkd" and cfg.on_policy > 0:
         raise ValueError("on-policy GKD needs the live teacher to score the student's fresh samples; "
                          "pass the teacher model (and the cache as cached=), or on_policy=0")
@@ -134,11 +145,12 @@ def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data
     _check(student, teacher, data, weights, cfg, cached)
     device = model_device(student)
     generator = torch.Generator().manual_seed(cfg.seed)
+    sample_generator = torch.Generator().manual_seed(cfg.seed + 1)  # MiniLLM's mixture sampling (on the CPU)
     sampler = sampler or _default_sampler(cfg.sample_temperature, torch.Generator(device).manual_seed(cfg.seed))
     N, L = data.shape
     if weights is None:
         weights = torch.ones(N, L - 1)  # (N, L - 1)
-        if cfg.objective in ("gkd", "seq_kd"):
+        if cfg.objective in ("gkd", "minillm", "seq_kd"):
             weights[:, :cfg.prompt_len - 1] = 0  # position j predicts token j + 1: score only y
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -158,8 +170,20 @@ def distill(student: nn.Module, teacher: nn.Module | TeacherTargets | None, data
             if ids.shape != (len(rows), L):
                 raise RuntimeError(f"sampler returned {tuple(ids.shape)}, expected {(len(rows), L)}")
             result.samples.append(ids[:, cfg.prompt_len:].cpu())
-        logits = student(ids[:, :-1])  # (b, L - 1, V)
-        if cfg.objective in ("supervised", "seq_kd"):
+        if cfg.objective == "minillm":  # §2.2: y from the teacher-mixed distribution, no gradient through it
+            ids, log_mixed = mixed_sample(student, teacher, ids[:, :cfg.prompt_len], L - cfg.prompt_len,
+                                          cfg.mix_alpha, sample_generator, cfg.sample_temperature)  # (b, L)
+            result.samples.append(ids[:, cfg.prompt_len:].cpu())
+            result.teacher_calls += L - cfg.prompt_len
+        logits = forward_logits(student, ids[:, :-1])  # (b, L - 1, V)
+        if cfg.objective == "minillm":
+            with torch.no_grad():
+                target = forward_logits(teacher, ids[:, :-1])  # (b, L - 1, V)
+            result.teacher_calls += 1
+            behaviour = torch.zeros_like(w)  # (b, L - 1): log p̃ of the sampled y; prompt positions unused
+            behaviour[:, cfg.prompt_len - 1:] = log_mixed
+            loss = minillm_surrogate(logits, target, ids[:, 1:], w, behaviour, cfg.length_norm)
+        elif cfg.objective in ("supervised", "seq_kd"):
             loss = sequence_nll(logits, ids[:, 1:], w)
         else:
             cache = teacher if isinstance(teacher, TeacherTargets) else None if on_policy else cached
