@@ -15,7 +15,7 @@ from effref.longcontext.sliding_window import (SlidingWindowCache, sliding_windo
 
 def brute_band_attention(q, k, v, window):
     """Loop over every query: softmax over the keys at distance 0 .. window − 1 behind it."""
-    B, H, T, d = q.shape
+    _, H, T, d = q.shape
     S, groups = k.shape[2], H // k.shape[1]
     out = torch.zeros_like(q)
     for h in range(H):
