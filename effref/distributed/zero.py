@@ -129,10 +129,9 @@ class ZeroEngine:
             claimed |= {id(p) for p in own}
             if own:
                 self.units.append(Unit(module, own, self.world_size, self.rank))
-        state_device = torch.device(optimizer_device) if optimizer_device is not None else params[0].device
         for unit in self.units:
             dist.broadcast(unit.flat, src=0)  # every rank starts from rank 0's initialisation
-            unit.shard = self._make_shard(unit, state_device)
+            unit.shard = self._make_shard(unit, optimizer_device)
             for p in unit.params:
                 p.register_post_accumulate_grad_hook(lambda p, unit=unit: self._on_grad(unit))
             if stage == 3:
@@ -141,11 +140,11 @@ class ZeroEngine:
                 unit.module.register_forward_hook(lambda m, args, out, unit=unit: self._after_forward(unit, out))
         self.optimizer = optimizer([u.shard for u in self.units])
 
-    def _make_shard(self, unit: Unit, device: torch.device) -> torch.Tensor:
+    def _make_shard(self, unit: Unit, optimizer_device: torch.device | str | None) -> torch.Tensor:
         if self.stage == 0:
             return unit.flat  # no partition: the optimizer updates everything
-        if self.stage == 3 or device != unit.flat.device:
-            return unit.flat[unit.own].detach().to(device, copy=True)  # a tensor of its own
+        if self.stage == 3 or optimizer_device is not None:  # a tensor of its own (offload: on the host)
+            return unit.flat[unit.own].detach().to(optimizer_device or unit.flat.device, copy=True)
         return unit.flat[unit.own]  # stages 1, 2: a view, updated in place, then all-gathered
 
     def __call__(self, *args, **kwargs):
