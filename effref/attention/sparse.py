@@ -14,8 +14,8 @@ The sets, for stride l (≈ √T), window w, g global tokens, r random keys (cau
     Big Bird  the Longformer set ∪ r keys drawn at random for each query.
 
 A pattern is stored as a list of key positions per query, ``index`` (T, K) with ``valid`` (T, K) marking
-real, distinct entries; the attention gathers those K keys per query, so time and memory grow as T·K·D,
-not T². ``SparsePattern.mask()`` expands the same sets into the (T, T) boolean mask for checking.
+real, distinct entries; the attention gathers those K keys per query, so time grows as T·K·D, not T², and
+memory as (queries per chunk)·K·D. ``SparsePattern.mask()`` expands the same sets into the (T, T) boolean mask for checking.
 Glossary: l ``stride`` · c ``summary`` · w ``window`` · g ``n_global`` · r ``n_random`` · K keys per query.
 Simplified: Big Bird's blocks (it draws window, global and random keys per block of 64 tokens to use dense
 matmuls) are single tokens here; Longformer's dilated windows and its separate global projections are left
@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from effref.attention.interface import check_qkv, expand_kv, positive_int, softmax_attention
 
@@ -106,19 +107,31 @@ def window_global_pattern(T: int, window: int, n_global: int = 0, causal: bool =
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: SparsePattern, *,
-                     causal: bool = False) -> torch.Tensor:
-    """Softmax attention of each query over its pattern's keys only: gathers K keys per query (T·K·D work)."""
+                     causal: bool = False, query_chunk: int = 256, dense_mask: bool = False) -> torch.Tensor:
+    """Softmax attention of each query over its pattern's keys only: gathers K keys per query (T·K·D work),
+    ``query_chunk`` queries at a time, so the gathered keys never exceed query_chunk · K · D per head.
+
+    ``dense_mask=True`` applies the same sets as a (T, T) mask in one fused SDPA call instead: quadratic
+    memory, but faster for short sequences (training a small model); the result is the same.
+    """
     group = check_qkv(q, k, v, causal)
+    positive_int("query_chunk", query_chunk, "use the queries gathered at once, e.g. 256")
     T = q.shape[2]
     if pattern.index.shape[0] != T or k.shape[2] != T:
         raise ValueError(f"the pattern was built for {pattern.index.shape[0]} tokens but q has {q.shape[2]} and "
                          f"k has {k.shape[2]}; build it for the same length (self-attention)")
     k, v = expand_kv(k, group), expand_kv(v, group)  # (B, H, T, D)
+    if dense_mask:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=pattern.mask(causal).to(q.device))
     index, valid = pattern.index.to(q.device), pattern.valid.to(q.device)  # (T, K)
-    k_near, v_near = k[:, :, index], v[:, :, index]  # (B, H, T, K, D)
-    scores = torch.einsum("bhtd,bhtkd->bhtk", q, k_near) / math.sqrt(q.shape[-1])  # (B, H, T, K)
-    weights = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
-    out = torch.einsum("bhtk,bhtkd->bhtd", weights, v_near)  # (B, H, T, D)
+    outputs = []
+    for first in range(0, T, query_chunk):
+        rows = slice(first, first + query_chunk)
+        k_near, v_near = k[:, :, index[rows]], v[:, :, index[rows]]  # (B, H, chunk, K, D)
+        scores = torch.einsum("bhtd,bhtkd->bhtk", q[:, :, rows], k_near) / math.sqrt(q.shape[-1])  # (B,H,chunk,K)
+        weights = torch.softmax(scores.masked_fill(~valid[rows], float("-inf")), dim=-1)
+        outputs.append(torch.einsum("bhtk,bhtkd->bhtd", weights, v_near))  # (B, H, chunk, D)
+    out = torch.cat(outputs, dim=2)  # (B, H, T, D)
     g = pattern.n_global
     if g:  # global queries see every key (the past only, when causal): g dense rows
         rows_mask = torch.ones(g, T, dtype=torch.bool, device=q.device)
@@ -129,27 +142,31 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
 
 
 def sparse_transformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-                                 stride: int, mode: str = "strided", summary: int = 1) -> torch.Tensor:
+                                 stride: int, mode: str = "strided", summary: int = 1,
+                                 dense_mask: bool = False) -> torch.Tensor:
     """Sparse Transformer attention with the ``"strided"`` or ``"fixed"`` pattern of stride l."""
     if mode not in ("strided", "fixed"):
         raise ValueError(f"mode={mode!r} must be 'strided' or 'fixed'")
     T = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
     pattern = strided_pattern(T, stride, causal) if mode == "strided" else fixed_pattern(T, stride, summary, causal)
-    return sparse_attention(q, k, v, pattern, causal=causal)
+    return sparse_attention(q, k, v, pattern, causal=causal, dense_mask=dense_mask)
 
 
 def longformer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                         window: int, n_global: int = 0) -> torch.Tensor:
+                         window: int, n_global: int = 0, dense_mask: bool = False) -> torch.Tensor:
     """Longformer: a sliding window of ±``window`` keys, plus ``n_global`` tokens that see and are seen by all."""
     T = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
-    return sparse_attention(q, k, v, window_global_pattern(T, window, n_global, causal), causal=causal)
+    return sparse_attention(q, k, v, window_global_pattern(T, window, n_global, causal), causal=causal,
+                            dense_mask=dense_mask)
 
 
 def bigbird_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False, window: int,
-                      n_global: int = 0, n_random: int = 3, seed: int = 0) -> torch.Tensor:
+                      n_global: int = 0, n_random: int = 3, seed: int = 0, dense_mask: bool = False,
+                      ) -> torch.Tensor:
     """Big Bird: Longformer's window and global tokens plus ``n_random`` random keys per query (from ``seed``)."""
     T = q.shape[2] if isinstance(q, torch.Tensor) and q.dim() == 4 else 0
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random={n_random!r} must be an integer ≥ 0")
     random = random_keys(T, n_random, causal, torch.Generator().manual_seed(seed))
-    return sparse_attention(q, k, v, window_global_pattern(T, window, n_global, causal, random), causal=causal)
+    return sparse_attention(q, k, v, window_global_pattern(T, window, n_global, causal, random), causal=causal,
+                            dense_mask=dense_mask)

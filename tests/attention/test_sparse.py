@@ -126,3 +126,15 @@ def test_reformer_equals_a_loop_over_its_sorted_chunks(causal):
     expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
     torch.testing.assert_close(reformer_attention(q, None, v, causal=causal, n_buckets=b, chunk_size=c, seed=0),
                                expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_chunked_gather_and_dense_mask_give_the_same_result(causal):
+    T = 45
+    q, k, v = qkv(T, H=4, H_kv=2)
+    pattern = window_global_pattern(T, 3, 2, causal, random_keys(T, 4, causal, torch.Generator().manual_seed(1)))
+    one_chunk = sparse_attention(q, k, v, pattern, causal=causal)
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern, causal=causal, query_chunk=7), one_chunk)
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern, causal=causal, dense_mask=True), one_chunk)
+    torch.testing.assert_close(bigbird_attention(q, k, v, causal=causal, window=2, n_random=3, dense_mask=True),
+                               bigbird_attention(q, k, v, causal=causal, window=2, n_random=3))
