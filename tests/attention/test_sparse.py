@@ -16,6 +16,7 @@ from effref.attention import (
     lsh_buckets,
     random_keys,
     reformer_attention,
+    sparse_attention,
     sparse_transformer_attention,
     strided_pattern,
     window_global_pattern,
