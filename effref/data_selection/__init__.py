@@ -7,7 +7,14 @@ proxy model both are measured with (``proxy``). Fine-tuning: Instruction Mining'
 Gumbel top-k sampler.
 """
 
-from effref.data_selection.alpagasus import RATING_PROMPT, alpagasus_filter, grader_scores, rating_token_ids
+from effref.data_selection.alpagasus import (
+    LIKELIHOOD_PROMPT,
+    RATING_PROMPT,
+    alpagasus_filter,
+    grader_scores,
+    rating_token_ids,
+    response_log_likelihood,
+)
 from effref.data_selection.common import gumbel_top_k, k_from_ratio, top_k_indices
 from effref.data_selection.doremi import DoReMiResult, doremi_update, doremi_weights
 from effref.data_selection.dsir import (
@@ -31,9 +38,10 @@ from effref.data_selection.retrieval import retrieve_for_task
 from effref.data_selection.ts_dshapley import centroid_accuracy_value, exact_shapley, tmc_shapley, ts_dshapley
 
 __all__ = [
-    "RATING_PROMPT", "DSIRSelection", "DoReMiResult", "QualityRule", "TinyNextTokenLM", "alpagasus_filter",
-    "bag_of_ngrams_log_probs", "centroid_accuracy_value", "doremi_update", "doremi_weights", "dsir_select",
-    "exact_shapley", "fit_quality_rule", "grader_scores", "gumbel_top_k", "hashed_ngram_features",
+    "LIKELIHOOD_PROMPT", "RATING_PROMPT", "DSIRSelection", "DoReMiResult", "QualityRule", "TinyNextTokenLM",
+    "alpagasus_filter", "bag_of_ngrams_log_probs", "centroid_accuracy_value", "doremi_update", "doremi_weights",
+    "dsir_select", "exact_shapley", "fit_quality_rule", "grader_scores", "gumbel_top_k", "hashed_ngram_features",
     "importance_log_weights", "k_from_ratio", "mean_loss", "mixture_batch", "ngram_bucket", "rating_token_ids",
-    "retrieve_for_task", "sample_windows", "select_by_quality", "text_bytes", "tmc_shapley", "top_k_indices", "train_lm", "ts_dshapley",
+    "response_log_likelihood", "retrieve_for_task", "sample_windows", "select_by_quality", "text_bytes",
+    "tmc_shapley", "top_k_indices", "train_lm", "ts_dshapley",
 ]

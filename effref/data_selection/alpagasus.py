@@ -8,11 +8,16 @@ rating* over the five digit tokens after the prompt,
 
     s(x) = Σ_{r=1}^{5} r · p(r | prompt(x)) / Σ_{r=1}^{5} p(r | prompt(x)),
 
-read in one forward pass instead of sampling a reply.
+read in one forward pass instead of sampling a reply. A small model follows such an instruction poorly, so
+a second grader asks it only what it can answer — how likely the response is after the instruction:
+
+    s_LL(x) = (1/|r|) Σ_{t ∈ r} log p(r_t | prompt, r_<t)        (mean log-likelihood of the response r).
+
 Glossary: x pair · s = ``scores`` · τ = ``threshold`` · p the grader's next-token distribution.
 Simplified (name it so): the paper's grader is ChatGPT, which follows the rating instruction; here it is a
 small causal LM (SmolLM2-135M in the book), whose digit probabilities are a noisy judgement at best, and
-no explanation is generated.
+no explanation is generated; the log-likelihood grader replaces the judgement by the model's own
+plausibility, which catches responses the model can tell are wrong and nothing subtler.
 """
 
 from __future__ import annotations
@@ -53,6 +58,31 @@ def grader_scores(model, tokenizer, pairs: list[tuple[str, str]], template: str 
         logits = model(ids).logits[0, -1]  # (V,)
         probs = torch.softmax(logits.double()[digits], dim=0)  # (5,) renormalized over the digits
         scores.append((probs * torch.arange(1, 6, dtype=torch.float64, device=device)).sum().item())
+    return torch.tensor(scores, dtype=torch.float64)
+
+
+LIKELIHOOD_PROMPT = "Question: {instruction}\nAnswer:"
+
+
+@torch.no_grad()
+def response_log_likelihood(model, tokenizer, pairs: list[tuple[str, str]], template: str = LIKELIHOOD_PROMPT
+                            ) -> torch.Tensor:
+    """Mean log-probability per token of each response after its prompt (the grader's plausibility): (N,)."""
+    if not pairs:
+        raise ValueError("pairs is empty; pass at least one (instruction, response) pair to grade")
+    device = next(model.parameters()).device
+    scores = []
+    for instruction, response in pairs:
+        prompt = template.format(instruction=instruction)
+        prompt_length = len(tokenizer(prompt)["input_ids"])
+        ids = tokenizer(f"{prompt} {response}")["input_ids"]
+        if len(ids) <= prompt_length:
+            raise ValueError(f"the response {response!r} adds no tokens to the prompt; pass a non-empty response")
+        ids = torch.tensor([ids], device=device)  # (1, T)
+        log_probs = torch.log_softmax(model(ids).logits[0, :-1].double(), dim=-1)  # (T-1, V): predicts ids[1:]
+        targets = ids[0, 1:]  # (T-1,)
+        per_token = log_probs[torch.arange(len(targets), device=device), targets]  # (T-1,)
+        scores.append(per_token[prompt_length - 1:].mean().item())  # the response's tokens only
     return torch.tensor(scores, dtype=torch.float64)
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from effref.data_selection import RATING_PROMPT, alpagasus_filter, grader_scores
+from effref.data_selection import (
+    LIKELIHOOD_PROMPT,
+    RATING_PROMPT,
+    alpagasus_filter,
+    grader_scores,
+    response_log_likelihood,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -81,3 +87,25 @@ class WordTokenizer:
 def test_a_template_whose_digit_is_not_one_extra_token_is_refused():
     with pytest.raises(ValueError, match=r"does not continue the prompt with the digit 1 as one token"):
         grader_scores(LengthGrader(), WordTokenizer(), [("a", "b")], template="{instruction} {response} rating:")
+
+
+def test_response_log_likelihood_is_the_mean_log_probability_of_the_response_tokens():
+    class Bigram(nn.Module):  # logits depend on the current character only: a fixed random table
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Parameter(torch.randn(128, 128, generator=torch.Generator().manual_seed(0)))
+
+        def forward(self, ids):
+            return SimpleNamespace(logits=self.table[ids])
+
+    model, tokenizer = Bigram(), CharTokenizer()
+    pairs = [("Add 2 and 2.", "4"), ("Name a colour.", "Blue.")]
+    ours = response_log_likelihood(model, tokenizer, pairs)
+    for (instruction, response), score in zip(pairs, ours.tolist()):
+        prompt = LIKELIHOOD_PROMPT.format(instruction=instruction)
+        text = f"{prompt} {response}"
+        log_probs = torch.log_softmax(model.table.double(), dim=-1)
+        direct = [log_probs[ord(text[t - 1]), ord(text[t])].item() for t in range(len(prompt), len(text))]
+        assert math.isclose(score, sum(direct) / len(direct), rel_tol=1e-9)
+    with pytest.raises(ValueError, match=r"pairs is empty"):
+        response_log_likelihood(model, tokenizer, [])
