@@ -7,6 +7,9 @@ Beltagy, Peters, Cohan (2020), "Longformer", arXiv:2004.05150.
 Implements: the token at position i attends to the W positions i − W + 1 … i (itself included):
   SWA(q_i) = Σ_{i−W < j ≤ i} softmax_j(q_i·k_j / √d) v_j,
 so one layer sees W tokens back and k stacked layers up to k·(W − 1) (the paper's "W × k" receptive field).
+Optionally the first s positions stay visible to every query (``sinks``): StreamingLLM's attention sinks
+(Xiao et al. 2024, arXiv:2309.17453) written as a mask, so a whole stream is scored in one pass; decoding with
+sinks is ``effref.inference.kv_policies.StreamingCache`` (a budget of B keys = ``sinks`` s + ``window`` B − s + 1).
 The cache is Mistral's rolling buffer: W slots per layer, position p kept in slot p mod W, so memory stays
 W tokens however long the stream; a chunk of T new tokens reads the W − 1 newest stored ones (the only past
 keys any of them can see) before it overwrites their slots.
@@ -14,8 +17,8 @@ keys any of them can see) before it overwrites their slots.
   ``SlidingWindowAttention`` / ``use_sliding_window``     the band inside our Llama (a full pass or a chunked
                                                           prefill sees exactly the window);
   ``SlidingWindowCache``                                  the rolling buffer, a ``KVCache`` our Llama uses.
-Glossary: W ``window`` · i query position · j key position · T new tokens · S keys attended to (stored + new;
-          the new ones last) · slot p mod W of position p.
+Glossary: W ``window`` · s ``sinks`` · i query position · j key position · T new tokens · S keys attended to
+          (stored + new; the new ones last) · slot p mod W of position p.
 Left out: Mistral's fused kernels (xFormers block-diagonal masks), the positions limit (our RoPE tables still
           bound a stream to ``max_seq_len``; StreamingLLM in effref/inference/kv_policies.py re-uses a window
           too, but keeps the first tokens as attention sinks), and batches of unequal lengths.
@@ -36,16 +39,23 @@ def _check_window(window: int) -> None:
                          "attends to, itself included (Mistral 7B: 4096)")
 
 
-def sliding_window_mask(T: int, S: int, window: int, device: torch.device | None = None) -> torch.Tensor:
-    """(T, S) bool, True where query t (the t-th of the last T of S positions) may see key j: 0 ≤ i − j < W."""
+def sliding_window_mask(T: int, S: int, window: int, device: torch.device | None = None,
+                        sinks: int = 0) -> torch.Tensor:
+    """(T, S) bool, True where query t (the t-th of the last T of S positions 0 … S − 1) may see key j:
+    0 ≤ i − j < W, or j < ``sinks`` (and j ≤ i)."""
     _check_window(window)
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks={sinks!r} must be an integer >= 0: the first positions every query keeps seeing")
     distance = causal_positions(T, S, device)  # (T, S) query position − key position
-    return (distance >= 0) & (distance < window)
+    is_sink = torch.arange(S, device=device)[None, :] < sinks  # (1, S)
+    return (distance >= 0) & ((distance < window) | is_sink)
 
 
-def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """Band attention: queries (B, n_heads, T, d) are the last T of the S keys/values (B, n_kv_heads, S, d);
-    each query head group of n_heads / n_kv_heads shares one key/value head. Returns (B, n_heads, T, d)."""
+def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
+                             sinks: int = 0) -> torch.Tensor:
+    """Band attention (plus ``sinks`` first keys): queries (B, n_heads, T, d) are the last T of the S keys/values
+    (B, n_kv_heads, S, d); each query head group of n_heads / n_kv_heads shares one key/value head.
+    Returns (B, n_heads, T, d)."""
     _check_window(window)
     if q.ndim != 4 or k.shape != v.shape or k.ndim != 4 or q.shape[-1] != k.shape[-1] or q.shape[2] > k.shape[2]:
         raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: need q (B, n_heads, T, d) "
@@ -56,29 +66,31 @@ def sliding_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                          "must serve a whole group of query heads")
     k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)  # (B, n_heads, S, d)
     v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)  # (B, n_heads, S, d)
-    mask = sliding_window_mask(q.shape[2], k.shape[2], window, q.device)  # (T, S)
+    mask = sliding_window_mask(q.shape[2], k.shape[2], window, q.device, sinks)  # (T, S)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, n_heads, T, d)
 
 
 class SlidingWindowAttention(PositionalAttention):
-    """LLaMA attention restricted to the last ``window`` positions (RoPE as before)."""
+    """LLaMA attention restricted to the last ``window`` positions and the first ``sinks`` (RoPE as before)."""
 
-    def __init__(self, cfg, layer: int, window: int):
-        _check_window(window)
+    def __init__(self, cfg, layer: int, window: int, sinks: int = 0):
+        sliding_window_mask(1, 1, window, sinks=sinks)  # checks both
         super().__init__(cfg, layer)
-        self.window = window
+        self.window, self.sinks = window, sinks
 
     def bias(self, T: int, S: int, device: torch.device) -> torch.Tensor:
-        visible = sliding_window_mask(T, S, self.window, device)  # (T, S)
+        visible = sliding_window_mask(T, S, self.window, device, self.sinks)  # (T, S)
         return torch.zeros(T, S, device=device).masked_fill(~visible, float("-inf"))[None]  # (1, T, S)
 
 
-def use_sliding_window(model: Llama, window: int) -> Llama:
-    """Make every attention layer of ``model`` (in place, same weights) attend to the last ``window`` positions;
-    returns the model. Decode it with ``SlidingWindowCache.for_model(model)`` to keep only W tokens per layer."""
+def use_sliding_window(model: Llama, window: int, sinks: int = 0) -> Llama:
+    """Make every attention layer of ``model`` (in place, same weights) attend to the last ``window`` positions
+    (and the first ``sinks``); returns the model. Decode it with ``SlidingWindowCache.for_model(model)`` to keep
+    only W tokens per layer (without sinks), or with a full ``KVCache`` (the mask then holds for any sinks);
+    ``swap_attention(model, PositionalAttention)`` makes it a plain model again."""
     require_llama(model, "model")
-    _check_window(window)
-    return swap_attention(model, SlidingWindowAttention, window=window)
+    sliding_window_mask(1, 1, window, sinks=sinks)  # checks both
+    return swap_attention(model, SlidingWindowAttention, window=window, sinks=sinks)
 
 
 class SlidingWindowCache(KVCache):
@@ -94,6 +106,9 @@ class SlidingWindowCache(KVCache):
     def for_model(cls, model: Llama, batch_size: int = 1, window: int | None = None) -> SlidingWindowCache:
         """A cache shaped for ``model``; ``window`` defaults to that of its ``SlidingWindowAttention`` layers."""
         require_llama(model, "model")
+        if any(getattr(block.attn, "sinks", 0) for block in model.blocks):
+            raise ValueError("the model keeps attention sinks, which a rolling buffer drops; decode it with "
+                             "effref.inference.kv_policies.StreamingCache (or a full KVCache)")
         windows = {getattr(block.attn, "window", None) for block in model.blocks}
         if window is None:
             if len(windows) != 1 or None in windows:

@@ -9,6 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from effref.inference.kv_eval import decode_nll
+from effref.inference.kv_policies import StreamingCache
+from effref.longcontext.positions import PositionalAttention, swap_attention
 from effref.longcontext.sliding_window import (SlidingWindowCache, sliding_window_attention, sliding_window_mask,
                                                use_sliding_window)
 
@@ -82,6 +85,28 @@ def test_plain_llama_decoding_one_token_at_a_time_through_the_cache_is_windowed(
         torch.testing.assert_close(stepped, swa(x), rtol=1e-4, atol=1e-4)
 
 
+def test_sinks_keep_the_first_positions_visible():
+    mask = sliding_window_mask(6, 6, 2, sinks=2)
+    assert mask.tolist() == [[j <= i and (i - j < 2 or j < 2) for j in range(6)] for i in range(6)]
+    assert torch.equal(sliding_window_mask(6, 6, 2, sinks=0), sliding_window_mask(6, 6, 2))
+
+
+@pytest.mark.parametrize("sinks", [0, 4])
+def test_a_masked_pass_scores_a_stream_as_streamingllm_decoding_does(make_llama, make_ids, sinks):
+    """StreamingCache with a budget of B keys = the mask with ``sinks`` s and a window of B − s + 1."""
+    budget, x = 8, make_ids(30)
+    model = make_llama()
+    with torch.no_grad():
+        decoded = decode_nll(model, x, StreamingCache.for_model(model, 2, budget=budget, sinks=sinks),
+                             prefill=budget, progress=False)
+        use_sliding_window(model, budget - sinks + 1, sinks=sinks)
+        logp = model(x).float().log_softmax(-1)
+        swap_attention(model, PositionalAttention)  # and back to the plain model
+        plain = model(x).float().log_softmax(-1)
+    torch.testing.assert_close(-logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0], decoded, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, logp, atol=1e-3)
+
+
 @pytest.mark.parametrize("window", [0, -3, 2.5, True])
 def test_bad_window_is_refused(window, make_llama):
     with pytest.raises(ValueError, match=f"window={window!r} must be a positive integer"):
@@ -100,5 +125,9 @@ def test_bad_shapes_and_caches_are_refused(make_llama):
         sliding_window_attention(torch.randn(1, 2, 5, 8), k, k, 2)
     with pytest.raises(ValueError, match="pass window= explicitly"):
         SlidingWindowCache.for_model(make_llama())
+    with pytest.raises(ValueError, match="sinks=-1 must be an integer >= 0"):
+        sliding_window_mask(4, 4, 2, sinks=-1)
+    with pytest.raises(ValueError, match="keeps attention sinks"):
+        SlidingWindowCache.for_model(use_sliding_window(make_llama(), 4, sinks=2))
     with pytest.raises(NotImplementedError, match="cannot roll back"):
         SlidingWindowCache(1, 1, 1, 8, 4).truncate(0)
