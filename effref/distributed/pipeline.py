@@ -125,7 +125,7 @@ def split_layers(n_layers: int, stages: int) -> list[range]:
 @dataclass
 class StepResult:
     loss: float | None  # the whole batch's mean loss (last stage only)
-    events: list[tuple[str, int, float, float]]  # ("F"/"B", micro-batch, start, end), seconds since the start
+    events: list[tuple[str, int, float, float]]  # ("F"/"B", micro-batch, start, end) of the compute, in s
     sent_bytes: int  # activations and gradients this rank sent
 
 
@@ -149,8 +149,7 @@ def train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
     peer = {s: dist.get_global_rank(group, s) if group is not None else s for s in range(stages)}
     saved, pending, events, sent, total = {}, [], [], 0, 0.0
     clock = time.perf_counter()
-    for kind, i in ops:
-        start = time.perf_counter() - clock
+    for kind, i in ops:  # each operation: wait for its input, compute (timed), send without waiting
         if kind == "F":
             if rank == 0:
                 x = x_parts[i]
@@ -158,6 +157,7 @@ def train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
                 x = torch.empty_like(x_parts[i])
                 dist.recv(x, src=peer[rank - 1], group=group)
                 x.requires_grad_()
+            start = time.perf_counter() - clock
             y = stage(x)  # (b, …, D)
             if rank == stages - 1:
                 y = loss_fn(y, y_parts[i]) / micro_batches  # the batch mean is the mean of the micro means
@@ -169,12 +169,12 @@ def train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
             saved[i] = (x, y)
         else:
             x, y = saved.pop(i)
-            if rank == stages - 1:
-                y.backward()
-            else:
+            grad = None
+            if rank < stages - 1:
                 grad = torch.empty_like(y)
                 dist.recv(grad, src=peer[rank + 1], group=group)
-                y.backward(grad)
+            start = time.perf_counter() - clock
+            y.backward(grad)
             if rank > 0:
                 pending.append((dist.isend(x.grad, dst=peer[rank - 1], group=group), x.grad))
                 sent += x.grad.numel() * x.grad.element_size()
