@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from effref.pretraining.adamw import AdamW, AdamWConfig
-from effref.pretraining.growth import (LiGO, TinyTransformer, TinyTransformerConfig, aki_widen, fpi_widen,
-                                       grow_depth, width_maps)
+from effref.pretraining.growth import (
+    LiGO,
+    TinyTransformer,
+    TinyTransformerConfig,
+    aki_widen,
+    fpi_widen,
+    grow_depth,
+    width_maps,
+)
 from effref.pretraining.training import PretrainConfig, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")

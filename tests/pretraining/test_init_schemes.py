@@ -11,8 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from effref.pretraining.growth import TinyTransformer, TinyTransformerConfig
-from effref.pretraining.init_schemes import (SCHEMES, deepnorm, deepnorm_constants, fixup, post_ln, rezero,
-                                             skipinit)
+from effref.pretraining.init_schemes import (
+    SCHEMES,
+    deepnorm,
+    deepnorm_constants,
+    fixup,
+    post_ln,
+    rezero,
+    skipinit,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,6 +1,6 @@
 """LiGO: a learned linear growth operator from a small pre-trained model to a larger one.
 
-Paper: Wang, Panda, Karlinsky, Feris, Sun, Kim (2023), "Learning to Grow Pretrained Models for Efficient
+Paper: Wang, Panda, Torroba Hennigen, Greengard, Karlinsky, Feris, Cox, Wang, Kim (2023), "Learning to Grow Pretrained Models for Efficient
 Transformer Training", ICLR 2023, arXiv:2303.00980 — §3.2 (Eq. 5–8).
 Implements: the grown parameters are a linear function of the small ones, Θ' = L_depth R_width Θ, with
   width   W'_l = E_out W_l E_inᵀ         (each weight; a vector b'_l = E_out b_l, the embeddings X' = X E_outᵀ)
