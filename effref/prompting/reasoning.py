@@ -83,8 +83,8 @@ def self_consistency(engine, tokenizer, prompts: Sequence[str], n_samples: int, 
                      ) -> list[list[Hashable | None]]:
     """Sample ``n_samples`` rationales per prompt; each prompt's extracted answers, in sampling order.
 
-    The engine forks each prompt after its prefill, so its samples share the prompt's KV blocks and decode as
-    one batch. Vote with ``majority_vote(answers[:m])`` for any m ≤ ``n_samples``.
+    One engine call: the engine forks each prompt after its prefill, so its samples share the prompt's KV
+    blocks, and all samples of all prompts decode in the same batched steps. Vote with ``majority_vote(answers[:m])`` for any m ≤ ``n_samples``.
     """
     if len(prompts) == 0:
         raise ValueError("prompts is empty; pass at least one question prompt")
@@ -93,11 +93,13 @@ def self_consistency(engine, tokenizer, prompts: Sequence[str], n_samples: int, 
     if temperature <= 0:
         raise ValueError(f"temperature={temperature}: self-consistency samples; use a temperature > 0 "
                          "(the paper uses 0.5–0.7)")
-    samples = []
-    for i, prompt in enumerate(prompts):  # one call per prompt: its samples fork from one prefill, in order
-        ids = tokenizer(prompt, add_special_tokens=False).input_ids
-        samples.append(engine.generate([ids], max_new_tokens, temperature=temperature, top_k=top_k,
-                                       seed=seed + 7919 * i, n_samples=n_samples))
+    ids = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    outs = engine.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                           n_samples=n_samples)
+    # requests 0 .. P − 1 are the prompts' first samples; the forks follow in admission order (first come,
+    # first served), n_samples − 1 per prompt
+    P, m = len(prompts), n_samples - 1
+    samples = [[outs[p]] + outs[P + p * m:P + (p + 1) * m] for p in range(P)]
     return [[extract(tokenizer.decode(s)) for s in row] for row in samples]
 
 

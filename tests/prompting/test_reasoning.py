@@ -57,17 +57,15 @@ def test_majority_of_noisy_samples_beats_one_sample():
 
 def test_self_consistency_samples_fork_from_one_prompt_and_reproduce_for_a_seed():
     model, tok = tiny_llama(), CharTokenizer()
-    engine = Engine(model, num_blocks=64, block_size=8, max_batch=8)
-    decoded = []
-    answers = self_consistency(engine, tok, ["Q: 1+1\nA:", "Q: 2+2\nA:"], n_samples=4, max_new_tokens=6,
-                               extract=lambda text: decoded.append(text) or text)
-    assert [len(row) for row in answers] == [4, 4]
+    engine = Engine(model, num_blocks=128, block_size=8, max_batch=6)  # 12 samples: they wait their turn
+    prompts = ["Q: 1+1\nA:", "Q: 2+2\nA:", "Q: 3+3\nA:"]
+    answers = self_consistency(engine, tok, prompts, n_samples=4, max_new_tokens=6, seed=5,
+                               extract=lambda text: text)
+    assert [len(row) for row in answers] == [4, 4, 4]
     assert len(set(answers[0])) > 1  # sampling, not four greedy copies
-    again = self_consistency(engine, tok, ["Q: 1+1\nA:", "Q: 2+2\nA:"], n_samples=4, max_new_tokens=6,
-                             extract=lambda text: text)
-    assert again == answers
-    first = engine.generate([tok("Q: 1+1\nA:").input_ids], 6, temperature=0.7, top_k=40, seed=0, n_samples=4)
-    assert [tok.decode(s) for s in first] == answers[0]
+    for p, prompt in enumerate(prompts):  # each prompt alone, with the seed its request had in the batch
+        alone = engine.generate([tok(prompt).input_ids], 6, temperature=0.7, top_k=40, seed=5 + p, n_samples=4)
+        assert [tok.decode(s) for s in alone] == answers[p]
 
 
 class RecordingEngine:
