@@ -7,11 +7,23 @@ row that says why instead of an error); ``report`` gathers the book's recorded h
 kernels' measurements for the performance report.
 """
 
+from effref.frameworks.harness import harness_scores, make_tasks, our_scores
 from effref.frameworks.quant import METHODS, QuantRow, block_linear_bytes, nf4_codes_row, quantization_rows
-from effref.frameworks.sidebyside import (CUDA_ONLY, Row, architecture_rows, attention_rows, generation_rows,
-                                          guarded, lora_rows, zero_rows)
+from effref.frameworks.report import HEADLINES, headline_rows, kernel_checks, kernel_results, load_records
+from effref.frameworks.sidebyside import (
+                                          CUDA_ONLY,
+                                          Row,
+                                          architecture_rows,
+                                          attention_rows,
+                                          generation_rows,
+                                          guarded,
+                                          lora_rows,
+                                          zero_rows,
+)
 from effref.frameworks.table import FEATURES, FRAMEWORKS, Feature, Framework, feature_links, feature_matrix
 
-__all__ = ["CUDA_ONLY", "FEATURES", "FRAMEWORKS", "METHODS", "Feature", "Framework", "QuantRow", "Row",
+__all__ = ["CUDA_ONLY", "FEATURES", "FRAMEWORKS", "HEADLINES", "METHODS", "Feature", "Framework", "QuantRow", "Row",
            "architecture_rows", "attention_rows", "block_linear_bytes", "feature_links", "feature_matrix",
-           "generation_rows", "guarded", "lora_rows", "nf4_codes_row", "quantization_rows", "zero_rows"]
+           "generation_rows", "guarded", "harness_scores", "headline_rows", "kernel_checks", "kernel_results",
+           "load_records", "lora_rows", "make_tasks", "nf4_codes_row", "our_scores", "quantization_rows",
+           "zero_rows"]

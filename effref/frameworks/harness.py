@@ -57,7 +57,7 @@ def make_tasks(text: str, folder: str | Path, n_docs: int = 8, doc_words: int = 
                       "label": choices.index(answer)})
     for name, rows in (("docs.jsonl", docs), ("mc.jsonl", items)):
         (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {{file}}\ntest_split: test\n"
+    common = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {file}\ntest_split: test\n"
     (folder / f"{PPL_TASK}.yaml").write_text(
         f"task: {PPL_TASK}\n" + common.format(file=folder / "docs.jsonl")
         + "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"

@@ -105,8 +105,12 @@ def bnb_int8(model: nn.Module) -> nn.Module:
 
 
 def torchao_quantize(model: nn.Module, kind: str) -> nn.Module:
-    from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,
-                                      IntxWeightOnlyConfig, quantize_)
+    from torchao.quantization import (
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        IntxWeightOnlyConfig,
+        quantize_,
+    )
     from torchao.quantization.granularity import PerGroup
 
     configs = {"int8 weight-only": Int8WeightOnlyConfig, "int8 dynamic": Int8DynamicActivationInt8WeightConfig,
@@ -175,7 +179,7 @@ def quantization_rows(model: nn.Module, ids: torch.Tensor, calib: torch.Tensor, 
             del quantized
         except ImportError as exc:
             rows.append(QuantRow(name, library, family, status="unavailable", reason=f"not importable: {exc}"))
-        except Exception as exc:  # a library failing here is a result to show, not a crash
+        except Exception as exc:  # noqa: BLE001 (a library failing here is a result to show, not a crash)
             rows.append(QuantRow(name, library, family, status="failed",
                                  reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"))
     return rows

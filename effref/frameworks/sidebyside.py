@@ -62,7 +62,7 @@ def guarded(comparison: str, library: str, ours: str, metric: str, run: Callable
         return run()
     except ImportError as exc:
         return [Row(comparison, library, ours, metric, status="unavailable", reason=f"not importable: {exc}")]
-    except Exception as exc:  # a library that breaks here must not break the page: its row says how
+    except Exception as exc:  # noqa: BLE001 (a library that breaks here must not break the page)
         return [Row(comparison, library, ours, metric, status="failed",
                     reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")]
 
@@ -121,7 +121,7 @@ def lora_rows(hf_model: torch.nn.Module, ids: torch.Tensor, r: int = 8, repeats:
             t_ours, out_ours = best_time(lambda: _logits(ours, ids), repeats)
             merged_theirs = _logits(theirs.merge_and_unload(), ids)
             merged_ours = _logits(merge_lora(ours), ids)
-        return [Row("LoRA forward (r=%d, q/v)" % r, version, "effref.peft.apply_lora", "max |Δ logits|",
+        return [Row(f"LoRA forward (r={r}, q/v)", version, "effref.peft.apply_lora", "max |Δ logits|",
                     max_diff(out_ours, out_theirs), t_ours / t_theirs),
                 Row("LoRA merged into the weights", version, "effref.peft.merge_lora", "max |Δ logits|",
                     max_diff(merged_ours, merged_theirs), None)]
@@ -324,9 +324,8 @@ def architecture_rows(repeats: int = 3, seq_len: int = 24) -> list[Row]:
     def package() -> list[Row]:
         version_pkg = library_version("rwkv")
         ours = RWKV.from_hf(hf_rwkv).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            with contextlib.redirect_stdout(io.StringIO()):  # the package prints every tensor it loads
-                pkg = rwkv_package_model(hf_rwkv, f"{tmp}/rwkv4.pth")
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):  # it prints a lot
+            pkg = rwkv_package_model(hf_rwkv, f"{tmp}/rwkv4.pth")
 
         def run_pkg():  # the package's sequence mode: all tokens at once, logits of the last one
             return pkg.forward(ids[0].tolist(), None, full_output=True)[0]

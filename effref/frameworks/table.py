@@ -42,6 +42,7 @@ class Feature:
     note: str  # what the book has instead, or why it is not built
 
 
+_INTEGRATIONS = "integrations (BentoML, LangChain, Transformers Agents)"
 _ALL = (True, True, True)
 _INFER = (False, False, True)
 FRAMEWORKS: tuple[Framework, ...] = tuple(Framework(name, *supports, tuple(features), cite) for name, supports,
@@ -65,8 +66,8 @@ FRAMEWORKS: tuple[Framework, ...] = tuple(Framework(name, *supports, tuple(featu
      "mosaicml2023composer"),
     ("vLLM", _INFER, ["data parallelism", "model parallelism", "tensor parallelism", "PagedAttention",
                       "optimized CUDA kernels", "dynamic batching", "quantization"], "kwon2023vllm"),
-    ("OpenLLM", (False, True, True), ["distributed fine-tuning and inference", "integrations (BentoML, LangChain, "
-                                      "Transformers Agents)", "Prometheus metrics", "token streaming"],
+    ("OpenLLM", (False, True, True), ["distributed fine-tuning and inference", _INTEGRATIONS, "Prometheus metrics",
+                                      "token streaming"],
      "pham2023openllm"),
     ("Ray LLM", _INFER, ["distributed inference", "integration with Alpa", "prompt batching", "quantization",
                          "Prometheus metrics"], "rayllm2023"),
@@ -126,7 +127,7 @@ FEATURES: dict[str, Feature] = {f.name: f for f in [
     Feature("elastic sharded checkpointing", (), "fault tolerance of training jobs; " + _NOT_HERE),
     Feature("compiler acceleration", (), "MLC LLM's TVM compilation; " + _NOT_HERE),
     Feature("integration with Alpa", (), _SYSTEM),
-    Feature("integrations (BentoML, LangChain, Transformers Agents)", (), _SYSTEM),
+    Feature(_INTEGRATIONS, (), _SYSTEM),
     Feature("Prometheus metrics", (), _SYSTEM),
     Feature("serves PaxML, JAX and PyTorch models", (), _SYSTEM),
     Feature("slice serving", (), _SYSTEM),

@@ -5,11 +5,11 @@ import importlib.util
 import json
 
 import pytest
+from frameworks.helpers import tiny_hf_llama
 
 from effref.assets import AssetMissingError
 from effref.data import load_corpus
 from effref.frameworks.harness import MC_TASK, PPL_TASK, harness_scores, make_tasks, our_scores
-from frameworks.helpers import tiny_hf_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +41,7 @@ def test_make_tasks_writes_yaml_and_jsonl_with_the_answer_among_the_choices(tmp_
         assert item["context"] + " " + item["choices"][item["label"]] in joined  # the answer continues the text
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(n_choices=1), "n_choices"), (dict(n_docs=10_000), "need at least")])
+@pytest.mark.parametrize("kwargs, match", [({"n_choices": 1}, "n_choices"), ({"n_docs": 10_000}, "need at least")])
 def test_make_tasks_refuses_bad_settings(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_tasks(text(), tmp_path, **kwargs)

@@ -5,10 +5,10 @@ import importlib.util
 
 import pytest
 import torch
+from frameworks.helpers import ids, tiny_hf_llama
 from torch import nn
 
 from effref.frameworks import METHODS, block_linear_bytes, nf4_codes_row, quantization_rows
-from frameworks.helpers import ids, tiny_hf_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LIBS = all(importlib.util.find_spec(m) for m in ("bitsandbytes", "torchao"))

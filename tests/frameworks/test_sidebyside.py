@@ -5,10 +5,18 @@ import importlib.util
 
 import pytest
 import torch
-
-from effref.frameworks import (CUDA_ONLY, Row, architecture_rows, attention_rows, generation_rows, guarded,
-                               lora_rows, zero_rows)
 from frameworks.helpers import ids, tiny_hf_llama
+
+from effref.frameworks import (
+    CUDA_ONLY,
+    Row,
+    architecture_rows,
+    attention_rows,
+    generation_rows,
+    guarded,
+    lora_rows,
+    zero_rows,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
