@@ -11,8 +11,8 @@ The search is exact: one matrix product of the queries with all stored keys and 
 Glossary: M ``capacity`` · k ``top_k`` · b_g ``gate`` (one logit per head) · V_m memory output · V_c local output ·
           d head size.
 Left out: approximate search (the paper uses an approximate kNN index; exact search is the reference it
-          approximates), positions for retrieved keys (the paper gives them none either), and training the
-          gate and the rest of a model.
+          approximates), positions for the retrieved keys (none here), and training the gate and the rest
+          of a model.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """LongNet's dilated attention: dense attention inside segments, on every r-th token, mixed over several (w, r).
 
 Paper: Ding, Ma, Dong, Zhang, Huang, Wang, Zheng, Wei (2023), "LongNet: Scaling Transformers to 1,000,000,000
-Tokens", arXiv:2307.02486 — §2.2 (Eq. 3–9, dilated attention and its mixture), §2.3 (a different offset per
-head).
+Tokens", arXiv:2307.02486 — §2.2 (dilated attention and the mixture of patterns), §2.3 (a different offset
+per head).
 Implements, for one pattern (segment length w, dilation r) and head j with offset s_j = j mod r: cut the sequence
 into segments of w tokens; in segment i keep the rows iw + s_j, iw + s_j + r, iw + s_j + 2r, … < (i + 1)w of Q, K
 and V; run ordinary (causal) softmax attention among the kept rows of each segment, O_i = softmax(Q̃_i K̃_iᵀ/√d) Ṽ_i;

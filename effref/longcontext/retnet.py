@@ -1,8 +1,8 @@
 """Retentive Network: retention, one token mixer with a parallel, a recurrent and a chunk-wise form.
 
 Paper: Sun, Dong, Huang, Ma, Xia, Xue, Wang, Wei (2023), "Retentive Network: A Successor to Transformer for
-Large Language Models", arXiv:2307.08621 — §2.1 (Eq. 5–7: parallel and recurrent retention), Eq. 7's chunk-wise
-form, §2.2 (gated multi-scale retention, Eq. 8).
+Large Language Models", arXiv:2307.08621 — §2.1 (retention's parallel, recurrent and chunkwise recurrent
+representations), §2.2 (gated multi-scale retention).
 Implements, per head with decay γ (queries and keys already rotated by their positions, xPos-style):
   parallel    Retention(X) = (Q Kᵀ ⊙ D) V,   D_nm = γ^(n−m) for n ≥ m, else 0;
   recurrent   S_n = γ S_{n−1} + K_nᵀ V_n,   o_n = Q_n S_n   (a d × d state instead of a growing cache);
@@ -100,7 +100,7 @@ def retention_chunkwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gamma
 
 
 class MultiScaleRetention(nn.Module):
-    """Gated multi-scale retention (Eq. 8); ``forward`` runs any of the three forms on the same weights."""
+    """Gated multi-scale retention (§2.2); ``forward`` runs any of the three forms on the same weights."""
 
     def __init__(self, d_model: int, n_heads: int, max_len: int = 4096, eps: float = 1e-5):
         super().__init__()
