@@ -74,7 +74,9 @@ class Block(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model), nn.Linear(d_model, d_model)
+        # no bias on q, k, v: a key bias cancels in the softmax, so its gradient is rounding noise, which Adam's
+        # normalisation would blow up to full-size steps that differ from run to run
+        self.qkv, self.proj = nn.Linear(d_model, 3 * d_model, bias=False), nn.Linear(d_model, d_model)
         self.up, self.down = nn.Linear(d_model, 4 * d_model), nn.Linear(4 * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d)
