@@ -1,7 +1,8 @@
 """Data selection (survey §3.1): which text to pre-train on, which examples to fine-tune on.
 
-Pre-training: DSIR importance resampling (``dsir``), DoReMi domain reweighting (``doremi``) with the tiny
-proxy model both are measured with (``proxy``). Fine-tuning: Instruction Mining's linear quality rule
+Pre-training: DSIR importance resampling (``dsir``), DoReMi domain reweighting (``doremi``), perplexity
+filtering with a reference model (``perplexity_filter``), and the tiny next-byte model they are measured with
+(``proxy``). Fine-tuning: Instruction Mining's linear quality rule
 (``instruction_mining``), AlpaGasus-style grading (``alpagasus``), retrieval of task neighbours
 (``retrieval``), TS-DShapley data values (``ts_dshapley``). ``common`` holds the shared checks and the
 Gumbel top-k sampler.
@@ -26,6 +27,7 @@ from effref.data_selection.dsir import (
     ngram_bucket,
 )
 from effref.data_selection.instruction_mining import QualityRule, fit_quality_rule, select_by_quality
+from effref.data_selection.perplexity_filter import byte_perplexities, perplexity_filter
 from effref.data_selection.proxy import (
     TinyNextTokenLM,
     mean_loss,
@@ -39,9 +41,9 @@ from effref.data_selection.ts_dshapley import centroid_accuracy_value, exact_sha
 
 __all__ = [
     "LIKELIHOOD_PROMPT", "RATING_PROMPT", "DSIRSelection", "DoReMiResult", "QualityRule", "TinyNextTokenLM",
-    "alpagasus_filter", "bag_of_ngrams_log_probs", "centroid_accuracy_value", "doremi_update", "doremi_weights",
+    "alpagasus_filter", "bag_of_ngrams_log_probs", "byte_perplexities", "centroid_accuracy_value", "doremi_update", "doremi_weights",
     "dsir_select", "exact_shapley", "fit_quality_rule", "grader_scores", "gumbel_top_k", "hashed_ngram_features",
-    "importance_log_weights", "k_from_ratio", "mean_loss", "mixture_batch", "ngram_bucket", "rating_token_ids",
+    "importance_log_weights", "k_from_ratio", "mean_loss", "mixture_batch", "ngram_bucket", "perplexity_filter", "rating_token_ids",
     "response_log_likelihood", "retrieve_for_task", "sample_windows", "select_by_quality", "text_bytes",
     "tmc_shapley", "top_k_indices", "train_lm", "ts_dshapley",
 ]
