@@ -46,6 +46,7 @@ def train_step(engine, cfg, window):
 
 def every_engine(cfg):
     results = {name: train(replace(cfg, engine=name)) for name in ENGINES}
+    results["effref-zero3 + checkpointing"] = train(replace(cfg, engine="effref-zero3", checkpoint_activations=True))
     optimizer = lambda shards: AdamW(shards, AdamWConfig(lr=cfg.lr))
     for prefetch in (False, True):
         torch.manual_seed(0)
@@ -98,7 +99,7 @@ def test_the_reference_moves_far_beyond_the_tolerance(single, initial):
     assert moved > 20 * 2e-4  # so the comparisons below would see a missing or wrong step
 
 
-@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("engine", [*ENGINES, "effref-zero3 + checkpointing"])
 def test_every_engine_reproduces_single_process_adamw(runs, single, engine):
     for rank in range(WORLD):
         ours = runs[rank][engine]
