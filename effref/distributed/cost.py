@@ -88,7 +88,7 @@ def chip_seconds(run: Run) -> float | None:
 
 
 def utilisation(run: Run, activated: bool = True) -> float | None:
-    """MFU = 6·N·D / (n · P · T); N is the activated parameter count for a sparse model unless ``activated=False``.
+    """MFU = 6·N·D / (n · P · T), with N the activated parameters of a sparse model (all: ``activated=False``).
 
     None when the row lacks tokens, parameters, hardware or time.
     """

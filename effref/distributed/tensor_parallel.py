@@ -90,9 +90,9 @@ def _split_or_raise(size: int, name: str, world: int) -> int:
 class ColumnParallelLinear(nn.Module):
     """Rank i's rows W_i (out_features / t of them) of a linear; returns its slice Y_i of the output."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group=None, copy_input: bool = True):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group=None):
         super().__init__()
-        self.group, self.copy_input = group, copy_input
+        self.group = group
         self.weight = nn.Parameter(weight.detach().clone())  # (out / t, in)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())  # (out / t,)
 
@@ -105,9 +105,7 @@ class ColumnParallelLinear(nn.Module):
         return cls(linear.weight[keep], None if linear.bias is None else linear.bias[keep], group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., in) -> (..., out / t)
-        if self.copy_input:
-            x = copy_to_ranks(x, self.group)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(copy_to_ranks(x, self.group), self.weight, self.bias)
 
 
 class RowParallelLinear(nn.Module):

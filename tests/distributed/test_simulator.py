@@ -49,7 +49,8 @@ def zero_engine_worker():
     for stage, strategy in enumerate(STRATEGIES):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 16))  # 544 and 528 parameters: no padding on 2
-        engine = ZeroEngine(model, stage, lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), units=list(model))
+        engine = ZeroEngine(model, stage, lambda shards: torch.optim.SGD(shards, lr=0.1, momentum=0.9),
+                            units=list(model))
         F.mse_loss(engine(torch.randn(4, 16)), torch.randn(4, 16)).backward()
         engine.step()
         measured[strategy] = engine.model_state_bytes()
