@@ -95,3 +95,17 @@ def test_protected_mask_flags_the_tokens_of_every_occurrence():
 def test_bad_input_is_refused_with_the_fix(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_the_coarse_step_keeps_the_highest_perplexity_demonstrations_within_k_times_the_budget():
+    tok = CharTokenizer()
+    demos = ["aaaaaaaaaaaaaaaaaaaa", "the cat sat on a mat", "zq xv jk wp ly fm hb", "ababababababababab.."]
+    ppl = [float(token_information(MODEL, torch.tensor(tok(d).input_ids)).mean()) for d in demos]
+    out = compress_prompt(MODEL, tok, "", demos, "q", ratio=0.3, granularity=1.0)
+    b_dem = budget(81, 0.3) - 1  # the question's one token keeps its ratio of 1
+    fitting, used = [], 0
+    for i in sorted(range(4), key=lambda i: -ppl[i]):  # highest perplexity first, while k · B_dem holds
+        if used + 20 <= b_dem:
+            fitting.append(i)
+            used += 20
+    assert out.kept_demonstrations == sorted(fitting) and len(fitting) < 4
