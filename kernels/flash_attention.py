@@ -11,7 +11,7 @@ output acc; the update is written out in effref/attention/flash.py):
 and divides by ℓ once at the end (FlashAttention-2's change from the first paper, which rescaled the output
 in memory after every tile). Parallel over (query tiles, batch · heads), also FlashAttention-2's change.
 
-Causal masking (FlashAttention-2 §3.1.1). Key tiles entirely left of the query tile are seen in full, so
+Causal masking (FlashAttention-2 §3.1). Key tiles entirely left of the query tile are seen in full, so
 they need only the sequence-length mask of the keys: those go through ``online_softmax_step`` of
 kernels/_attention.py, the same tile update the paged and Flash-Decoding kernels use. Tiles on the diagonal
 need a per-(query, key) mask, which that step cannot take (its mask is one vector over keys: a decode query

@@ -1,15 +1,17 @@
 """Linear Transformer: attention as a kernel feature map, computed in time linear in the sequence length.
 
-Paper: Katharopoulos, Vyas, Pappas, Fleuret (2020), "Transformers are RNNs", arXiv:2006.16236 — Eqs. 4–9, 11–12.
-Replace the similarity exp(q·k/√D) by a kernel φ(q)ᵀφ(k) with φ(x) = elu(x) + 1 (Eq. 7, positive everywhere);
-then the sum over keys factors and no T × T matrix is formed (Eq. 5):
+Paper: Katharopoulos, Vyas, Pappas, Fleuret (2020), "Transformers are RNNs", arXiv:2006.16236 — Section 3.2
+(linearized attention), 3.3 (causal masking), 3.4 (the recurrent form).
+Replace the similarity exp(q·k/√D) by a kernel φ(q)ᵀφ(k) with φ(x) = elu(x) + 1 (positive everywhere);
+then the sum over keys factors and no T × T matrix is formed:
 
     out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ  /  φ(q_i)ᵀ Σ_j φ(k_j).
 
-Causal (Eqs. 8–9): the sums run over j ≤ i, i.e. prefix sums S_i = Σ_{j≤i} φ(k_j) v_jᵀ (D × D) and
-z_i = Σ_{j≤i} φ(k_j). The same prefix sums read one step at a time are a recurrent network (Eqs. 11–12):
+Causal: the sums run over j ≤ i, i.e. prefix sums S_i = Σ_{j≤i} φ(k_j) v_jᵀ (D × D) and
+z_i = Σ_{j≤i} φ(k_j). The same prefix sums read one step at a time are a recurrent network:
 S_i = S_{i−1} + φ(k_i) v_iᵀ, z_i = z_{i−1} + φ(k_i), out_i = φ(q_i)ᵀ S_i / φ(q_i)ᵀ z_i, constant memory per
-generated token. ``kernel_attention`` takes any non-negative features, so Performer (performer.py) reuses it.
+generated token (Section 3.4). ``kernel_attention`` takes any non-negative features, so Performer
+(performer.py) reuses it.
 Glossary: φ feature map · S Σ φ(k) vᵀ (``kv``) · z Σ φ(k) (``k_sum``) · F feature dimension (D here).
 Left out: the paper's CUDA kernel for the causal gradient (autograd through ``cumsum`` stores all T prefix
 states, O(T·F·D) memory, where the paper's kernel stores O(F·D)).
@@ -24,14 +26,14 @@ from effref.attention.interface import check_qkv, expand_kv
 
 
 def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
-    """φ(x) = elu(x) + 1 > 0, elementwise (Eq. 7)."""
+    """φ(x) = elu(x) + 1 > 0, elementwise."""
     return F.elu(x) + 1
 
 
 def kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     """out_i = φ(q_i)ᵀ Σ_j φ(k_j) v_jᵀ / φ(q_i)ᵀ Σ_j φ(k_j) for features φ(q), φ(k) (B, H, T, F), v (B, H, T, D).
 
-    Non-causal sums run over all keys (Eq. 5), causal ones over j ≤ i as prefix sums (Eq. 9).
+    Non-causal sums run over all keys, causal ones over j ≤ i as prefix sums.
     """
     if causal:
         kv = torch.cumsum(phi_k[..., :, None] * v[..., None, :], dim=2)  # (B, H, T, F, D)  S_i
@@ -46,14 +48,14 @@ def kernel_attention(phi_q: torch.Tensor, phi_k: torch.Tensor, v: torch.Tensor, 
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
-    """Linear attention with φ = elu + 1: causal by prefix sums (Eq. 9), else by one sum over keys (Eq. 5)."""
+    """Linear attention with φ = elu + 1: causal by prefix sums, else by one sum over keys."""
     group = check_qkv(q, k, v, causal)
     k, v = expand_kv(k, group), expand_kv(v, group)  # (B, H, T, D)
     return kernel_attention(elu_feature_map(q), elu_feature_map(k), v, causal)
 
 
 def linear_attention_recurrent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal linear attention as a recurrent network (Eqs. 11–12): one token per step, state (S, z)."""
+    """Causal linear attention as a recurrent network: one token per step, state (S, z)."""
     group = check_qkv(q, k, v, causal=True)
     k, v = expand_kv(k, group), expand_kv(v, group)  # (B, H, T, D)
     phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)  # (B, H, T, D)

@@ -1,14 +1,15 @@
 """Linformer: project the keys and values along the sequence from length n down to k.
 
 Paper: Wang, Li, Khabsa, Fang, Ma (2020), "Linformer: Self-Attention with Linear Complexity",
-arXiv:2006.04768 — Eq. 7 (Section 4). Two fixed matrices E, F (k × n) shrink the sequence axis of the keys
+arXiv:2006.04768 — Section 4. Two fixed matrices E, F (k × n) shrink the sequence axis of the keys
 and values before the softmax:
 
     head = softmax(Q (E K)ᵀ / √D) · (F V),      (T × k)(k × D): linear in T for a fixed k.
 
 E and F are learned parameters of a given length n, so a Linformer has a maximum sequence length: a shorter
 input uses the first T columns (as if zero-padded to n); a longer one is an error. The paper's Theorem 2
-says good E, F exist (random projections scaled suitably); Section 4 also names pooling as a projection.
+says good E, F exist (random projections scaled suitably); the paper also names mean or max pooling as a
+projection.
 ``linformer_projection`` makes either kind: ``"random"`` N(0, 1/k) entries (the paper's initialisation),
 or ``"mean"``, the average over k consecutive segments, which with k = n is the identity (exact attention).
 Glossary: n ``max_len`` · k ``rank`` · E ``proj_k`` · F ``proj_v``.

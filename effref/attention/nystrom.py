@@ -1,14 +1,15 @@
 """Nyströmformer: softmax attention from a few landmark rows and columns (the Nyström method).
 
 Paper: Xiong, Zeng, Chakraborty, Tan, Fung, Li, Singh (2021), "Nyströmformer: A Nyström-Based Algorithm
-for Approximating Self-Attention", arXiv:2102.03902 — Eqs. 14–15 and Eq. 16 (iterative pseudo-inverse).
+for Approximating Self-Attention", arXiv:2102.03902 — Section 3 (landmarks, the Nyström form of softmax
+attention, the iterative pseudo-inverse).
 Pick m landmarks: the means of m consecutive segments of the queries (Q̃) and of the keys (K̃). Three small
-softmax matrices stand in for the T × T one (Eq. 15):
+softmax matrices stand in for the T × T one:
 
     Ŝ = softmax(Q K̃ᵀ/√D) · A⁺ · softmax(Q̃ Kᵀ/√D),      A = softmax(Q̃ K̃ᵀ/√D)  (m × m),
     out = [softmax(Q K̃ᵀ/√D) A⁺] [softmax(Q̃ Kᵀ/√D) V]     (T × m)(m × m)(m × D): linear in T.
 
-A⁺ (Moore–Penrose pseudo-inverse) by the iteration of Razavi et al. (Eq. 16), matmuls only:
+A⁺ (Moore–Penrose pseudo-inverse) by the iteration of Razavi et al. that the paper uses, matmuls only:
 Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞),   Z_{j+1} = ¼ Z_j (13I − A Z_j (15I − A Z_j (7I − A Z_j))).
 With m = T landmarks (segments of one token) Q̃ = Q, K̃ = K and Ŝ = S A⁺ S = S: exact up to the iteration.
 Glossary: m ``landmarks`` · Q̃, K̃ landmark queries and keys · A⁺ ``pinv`` · ``pinv_iterations`` (paper: 6).
@@ -27,7 +28,7 @@ from effref.attention.interface import check_qkv, expand_kv, positive_int
 
 
 def iterative_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
-    """Moore–Penrose pseudo-inverse of each (m × m) matrix in ``a`` (..., m, m) by Eq. 16 of the paper."""
+    """Moore–Penrose pseudo-inverse of each (m × m) matrix in ``a`` (..., m, m) by the iteration above."""
     positive_int("iterations", iterations, "use about 6 (the paper's value) or more")
     eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)  # (m, m)
     norm_1 = a.abs().sum(dim=-2).amax(dim=-1)  # (...,) max column sum
@@ -46,7 +47,7 @@ def segment_means(x: torch.Tensor, landmarks: int) -> torch.Tensor:
 
 def nystrom_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
                       landmarks: int = 32, pinv_iterations: int = 6) -> torch.Tensor:
-    """Nyström approximation of softmax attention with ``landmarks`` segment-mean landmarks (Eq. 15)."""
+    """Nyström approximation of softmax attention with ``landmarks`` segment-mean landmarks."""
     group = check_qkv(q, k, v, causal)
     positive_int("landmarks", landmarks, "use a number of landmarks between 1 and the sequence length, e.g. 32")
     positive_int("pinv_iterations", pinv_iterations, "use about 6 (the paper's value) or more")

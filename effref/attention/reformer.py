@@ -1,7 +1,7 @@
 """Reformer's LSH attention: hash shared query-keys into buckets, sort, and attend within chunks.
 
 Paper: Kitaev, Kaiser, Levskaya (2020), "Reformer: The Efficient Transformer", arXiv:2001.04451 —
-Section 2 (shared-QK attention, angular LSH, Eq. 3–4, chunking, Fig. 2).
+Section 2 (shared-QK attention, angular LSH, chunking; its Figure 2).
 Queries and keys share one projection; the keys are the unit-normalised queries, k_j = q_j / ‖q_j‖, and a
 token does not attend to itself unless nothing else is visible (its own score q·q/‖q‖ would dominate).
 Angular LSH with a random matrix R (D × b/2): h(x) = argmax([xR ; −xR]), so nearby directions tend to share

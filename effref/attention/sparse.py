@@ -1,7 +1,7 @@
 """Fixed sparse patterns: Sparse Transformer (strided, fixed), Longformer (window + global), Big Bird (+ random).
 
 Papers: Child, Gray, Radford, Sutskever (2019), "Generating Long Sequences with Sparse Transformers",
-arXiv:1904.10509 — Section 4.2 (Eqs. for A⁽¹⁾, A⁽²⁾); Beltagy, Peters, Cohan (2020), "Longformer",
+arXiv:1904.10509 — Section 4 (strided and fixed patterns); Beltagy, Peters, Cohan (2020), "Longformer",
 arXiv:2004.05150 — Section 3.1; Zaheer et al. (2020), "Big Bird", arXiv:2007.14062 — Section 2.
 Each query i attends only to a set A_i of keys, and the softmax runs over that set:
 
