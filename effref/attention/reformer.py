@@ -14,6 +14,9 @@ fixed (c × 2c) block per chunk instead of a T × T matrix:
 With a chunk as long as the sequence, P_i is every key and the result is shared-QK softmax attention
 (``shared_qk_attention``), the exact limit the approximation is measured against.
 Glossary: b ``n_buckets`` · c ``chunk_size`` · R random rotation · P_i keys visible to token i.
+Causal caveat: token i sums only keys j ≤ i, but which of them share its chunk depends on where the later
+tokens sort, i.e. on their buckets: a small leak of information from the future that sorting the whole
+sequence brings (tests/attention/test_exact.py shows it).
 Left out: several hash rounds (n_rounds > 1, with the paper's correction for keys seen twice), reversible
 layers and chunked feed-forward. Simplified: keys of another bucket that fall in the same or previous chunk
 are attended to as well (the paper masks them only implicitly, by sorting).

@@ -122,16 +122,26 @@ def test_swapping_in_an_exact_method_keeps_the_logits():
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
 
 
-def test_swapping_in_an_approximation_changes_the_logits_and_stays_causal():
-    model, ids = tiny_llama(), torch.randint(0, 64, (1, 32))
+CAUSAL_SWAPS = [
+    (longformer_attention, {"window": 4}),
+    (bigbird_attention, {"window": 2, "n_global": 1, "n_random": 3}),
+    (sparse_transformer_attention, {"stride": 5}),
+    (performer_attention, {"features": 16}),
+    (linear_attention, {}),
+]
+
+
+@pytest.mark.parametrize("method, options", CAUSAL_SWAPS, ids=lambda x: getattr(x, "__name__", ""))
+def test_swapping_in_an_approximation_changes_the_logits_and_stays_causal(method, options):
+    model, ids = tiny_llama(n_kv_heads=4 if options.get("shared_qk") else 2), torch.randint(0, 64, (1, 32))
     with torch.no_grad():
         before = model(ids)
-        use_attention(model, longformer_attention, window=4)
+        use_attention(model, method, **options)
         after = model(ids)
         changed_future = ids.clone()
         changed_future[0, 20:] = (ids[0, 20:] + 1) % 64
         after_changed = model(changed_future)
-    assert (after - before).abs().max() > 1e-3  # a window of 4 is not full attention
+    assert (after - before).abs().max() > 1e-3  # not full softmax attention
     torch.testing.assert_close(after[0, :20], after_changed[0, :20])  # tokens ≥ 20 never reach tokens < 20
 
 
@@ -143,3 +153,17 @@ def test_a_swap_that_cannot_be_causal_leaves_the_model_unchanged():
     assert [block.attn for block in model.blocks] == attn_before
     with pytest.raises(ValueError, match="shared_qk=True needs n_kv_heads == n_heads"):
         use_attention(model, reformer_attention, shared_qk=True)
+
+
+def test_reformer_sums_only_past_values_but_its_chunks_depend_on_later_tokens():
+    gen = torch.Generator().manual_seed(0)
+    q, v = torch.randn(1, 2, 32, 8, generator=gen), torch.randn(1, 2, 32, 8, generator=gen)
+    out = reformer_attention(q, None, v, causal=True, n_buckets=4, chunk_size=4)
+    later_values = v.clone()
+    later_values[:, :, 20:] += 1
+    torch.testing.assert_close(reformer_attention(q, None, later_values, causal=True, n_buckets=4, chunk_size=4)[:, :, :20],
+                               out[:, :, :20])  # values of later tokens never enter
+    later_queries = q.clone()
+    later_queries[:, :, 20:] = torch.randn(1, 2, 12, 8, generator=gen)
+    moved = reformer_attention(later_queries, None, v, causal=True, n_buckets=4, chunk_size=4)[:, :, :20]
+    assert (moved - out[:, :, :20]).abs().max() > 1e-3  # but their buckets re-cut the sorted chunks
