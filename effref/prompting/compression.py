@@ -88,7 +88,8 @@ def compress_tokens(model, ids: torch.Tensor, ratio: float | None = None, protec
         raise ValueError(f"keep={keep_total} must be between 1 and the {ids.numel()} tokens there are")
     n_protected = int(protected.sum())
     if n_protected > keep_total:
-        raise ValueError(f"protected spans hold {n_protected} tokens but ratio={ratio} keeps {keep_total} of "
+        asked = f"ratio={ratio}" if keep is None else f"keep={keep}"
+        raise ValueError(f"protected spans hold {n_protected} tokens but {asked} keeps {keep_total} of "
                          f"{ids.numel()}; raise the ratio or protect less")
     free_total, unprotected_total = keep_total - n_protected, ids.numel() - n_protected
     context = ids.new_zeros(0) if prefix is None else prefix.to(ids.device)
