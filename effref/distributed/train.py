@@ -8,7 +8,8 @@
 Every engine trains the same byte-level transformer (``TinyLM``) on the same batches: each step draws a global
 batch of ``batch`` windows from one seeded generator (identical on every rank), and rank r trains on its slice
 (``split_batch``), so the loss curve does not depend on the number of processes or the engine — only on float
-rounding. ``train`` is the same run as a function (tests and the chapter start it with ``run_ranks``).
+rounding. ``train`` is the same run as a function, ``compare_engines`` several of them in one job (tests and the chapter
+start them with ``run_ranks``).
 Engines: ``single`` (no distribution, torch's AdamW), ours — ``effref-dp``, ``effref-zero0``…``effref-zero3``,
 ``effref-fsdp`` (prefetch), ``effref-offload`` (ZeRO-2 with the optimizer on the CPU) with our AdamW — and the
 real ones with ``torch.optim.AdamW``: ``ddp``, ``zero-redundancy`` (DDP + ZeroRedundancyOptimizer, ZeRO-1),
@@ -21,7 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -199,6 +200,11 @@ def train(cfg: TrainConfig) -> dict:
     seconds = (time.perf_counter() - start) / cfg.steps
     return {"losses": losses, "parameters": _full_parameters(cfg.engine, engine, model),
             "bytes": state_bytes, "seconds_per_step": seconds}
+
+
+def compare_engines(cfg: TrainConfig, engines: list[str]) -> dict[str, dict]:
+    """``train`` once per engine, one after another on this process group, the rest of ``cfg`` unchanged."""
+    return {engine: train(replace(cfg, engine=engine)) for engine in engines}
 
 
 def _full_parameters(name: str, engine, model: nn.Module) -> dict[str, torch.Tensor]:

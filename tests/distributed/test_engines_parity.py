@@ -6,30 +6,24 @@ extensions: torch's AdamW through ``zero_allow_untested_optimizer``).
 """
 
 import importlib.util
-from dataclasses import replace
 
 import pytest
 import torch
 
 from effref.distributed import run_ranks
-from effref.distributed.train import TrainConfig, train
+from effref.distributed.train import TrainConfig
 
 CFG = TrainConfig(engine="single", steps=4, batch=8)
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 PAIRS = [("effref-zero1", "zero-redundancy"), ("effref-zero3", "fsdp2"), ("effref-dp", "ddp")]
 DEEPSPEED_PAIRS = [("effref-zero1", "deepspeed-zero1"), ("effref-zero2", "deepspeed-zero2"),
                    ("effref-zero3", "deepspeed-zero3")]
-TARGET = f"{__file__}:%s"
-
-
-def engines(cfg, names):
-    return {name: train(replace(cfg, engine=name)) for name in names}
 
 
 @pytest.fixture(scope="module")
 def runs():
     names = {name for pair in PAIRS + (DEEPSPEED_PAIRS if HAS_DEEPSPEED else []) for name in pair}
-    return run_ranks(TARGET % "engines", 2, CFG, sorted(names), timeout_s=300)
+    return run_ranks("effref.distributed.train:compare_engines", 2, CFG, sorted(names), timeout_s=300)
 
 
 def assert_same_run(ours, theirs, atol):

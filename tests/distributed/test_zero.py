@@ -20,7 +20,7 @@ from effref.distributed import (
     run_ranks,
     split_batch,
 )
-from effref.distributed.train import TinyLM, TrainConfig, batches, train
+from effref.distributed.train import TinyLM, TrainConfig, batches, compare_engines, train
 from effref.pretraining import AdamW, AdamWConfig
 
 WORLD = 3
@@ -45,7 +45,7 @@ def train_step(engine, cfg, window):
 
 
 def every_engine(cfg):
-    results = {name: train(replace(cfg, engine=name)) for name in ENGINES}
+    results = compare_engines(cfg, list(ENGINES))
     results["effref-zero3 + checkpointing"] = train(replace(cfg, engine="effref-zero3", checkpoint_activations=True))
     optimizer = lambda shards: AdamW(shards, AdamWConfig(lr=cfg.lr))
     for prefetch in (False, True):
