@@ -16,9 +16,9 @@ LayerNorm: γ, β are copied like outputs. The grown hidden vector x' = x[g] has
 exactly when every old unit has the same number of copies, so we draw the new hidden units as whole random
 permutations of the old ones: with d_model' a multiple of d_model the grown model computes the small model's
 function to float rounding, LayerNorms included. Any other d_model' is accepted, and is then function-preserving
-only without LayerNorm (norm="none"); the paper accepts this inexactness and does not discuss it.
+only without LayerNorm (norm="none"); with LayerNorm it is approximate (our simplification: no gain correction).
 Glossary: g ``WidthMaps.hidden / heads / ff`` · C the copy counts (``torch.bincount``) · d_head fixed, so the
-          heads grow by whole heads (the paper's BERT-base → BERT-large keeps 64-wide heads too).
+          heads grow by whole heads (BERT's sizes all keep 64-wide heads too).
 Left out: the paper's two-stage pre-training schedule after growth (we train the grown model normally), the
           separate per-layer mappings (one mapping per dimension serves every layer).
 """
