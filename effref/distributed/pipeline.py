@@ -141,6 +141,9 @@ def train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, lo
     if schedule not in ("gpipe", "1f1b"):
         raise ValueError(f"schedule={schedule!r} must be 'gpipe' or '1f1b'")
     _check(stages, micro_batches)
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"inputs hold {inputs.shape[0]} samples but targets {targets.shape[0]}; "
+                         "pass one target per input")
     if inputs.shape[0] % micro_batches:
         raise ValueError(f"micro_batches={micro_batches} does not divide the batch of {inputs.shape[0]}; "
                          "use a divisor of the batch size")

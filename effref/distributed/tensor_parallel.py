@@ -170,7 +170,7 @@ class ParallelSelfAttention(nn.Module):
         return self.out(heads.transpose(1, 2).reshape(batch, steps, -1))  # (B, T, h·d) -> (B, T, D)
 
 
-class Block(nn.Module):
+class DenseBlock(nn.Module):
     """The single-process pre-LN block that ``ParallelBlock`` splits: x + Attn(LN(x)), then x + MLP(LN(x)).
 
     Attention is torch's own ``nn.MultiheadAttention`` (causal), so the split version is checked against it.
@@ -191,9 +191,9 @@ class Block(nn.Module):
 
 
 class ParallelBlock(nn.Module):
-    """This rank's part of a ``Block``: attention split by heads, MLP by hidden units, norms replicated."""
+    """This rank's part of a ``DenseBlock``: attention split by heads, MLP by hidden units, norms copied."""
 
-    def __init__(self, block: Block, group=None):
+    def __init__(self, block: DenseBlock, group=None):
         super().__init__()
         self.norm1, self.norm2 = _replica(block.norm1), _replica(block.norm2)
         self.attn = ParallelSelfAttention(block.attn, group)

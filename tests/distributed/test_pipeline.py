@@ -43,10 +43,12 @@ def pipeline_worker():
             opt.step()
         final = [p.detach() for p in stage.parameters()]
         out[schedule] = (losses, first_grads, final, orders[0], result.sent_bytes)
-    try:
-        train_step(stage, x, y, F.mse_loss, 3)
-    except ValueError as error:
-        out["error"] = str(error)
+    out["errors"] = []
+    for micro, targets in ((3, y), (MICRO, y[:4])):
+        try:
+            train_step(stage, x, targets, F.mse_loss, micro)
+        except ValueError as error:
+            out["errors"].append(str(error))
     return out
 
 
@@ -78,7 +80,9 @@ def test_gpipe_and_1f1b_reproduce_one_process_on_the_whole_batch():
             assert order == build(world, MICRO)[rank]  # the processes ran the schedule as written
             # activations forward (all but the last stage) and gradients backward (all but the first)
             assert sent == ((rank < world - 1) + (rank > 0)) * BATCH * D * 4
-    assert all("micro_batches=3 does not divide the batch of 8" in r["error"] for r in results)
+    for result in results:  # refused on every rank before any message is sent
+        assert "micro_batches=3 does not divide the batch of 8" in result["errors"][0]
+        assert "inputs hold 8 samples but targets 4" in result["errors"][1]
 
 
 @pytest.mark.parametrize("stages, micro", [(1, 1), (2, 1), (2, 5), (4, 4), (4, 16), (8, 3)])

@@ -7,8 +7,8 @@ from torch import nn
 
 from effref.distributed.launch import run_ranks
 from effref.distributed.tensor_parallel import (
-    Block,
     ColumnParallelLinear,
+    DenseBlock,
     ParallelBlock,
     ParallelMLP,
     ParallelSelfAttention,
@@ -22,7 +22,7 @@ B, T, D, HEADS = 2, 5, 16, 4
 
 def make_inputs():
     torch.manual_seed(0)
-    block = Block(D, HEADS)
+    block = DenseBlock(D, HEADS)
     for p in block.parameters():  # non-trivial norms and biases, so a missed term shows
         p.data.add_(0.1 * torch.randn_like(p))
     return block, torch.randn(B, T, D), torch.randn(B, T, D)
@@ -140,7 +140,7 @@ def optimizer(model):
 def train_worker(steps):
     """A few SGD steps of a two-block model, split over the ranks; losses and final shards."""
     torch.manual_seed(0)
-    blocks = [Block(D, HEADS) for _ in range(2)]
+    blocks = [DenseBlock(D, HEADS) for _ in range(2)]
     x, y = torch.randn(B, T, D), torch.randn(B, T, D)
     model = nn.Sequential(*[ParallelBlock(b) for b in blocks])
     opt = optimizer(model)
@@ -158,7 +158,7 @@ def test_training_steps_follow_the_single_process_trajectory():
     steps, world = 4, 4
     results = run_ranks(TARGET % "train_worker", world, steps, timeout_s=150)
     torch.manual_seed(0)
-    blocks = [Block(D, HEADS) for _ in range(2)]
+    blocks = [DenseBlock(D, HEADS) for _ in range(2)]
     x, y = torch.randn(B, T, D), torch.randn(B, T, D)
     model = nn.Sequential(*blocks)
     opt = optimizer(model)
