@@ -4,15 +4,15 @@ Papers: Huang et al. (2019), "GPipe", arXiv:1811.06965 — all forwards, then al
 Narayanan et al. (2019), "PipeDream", and (2021), "Efficient large-scale language model training on GPU
 clusters using Megatron-LM", arXiv:2104.04473, §2.2 — the 1F1B schedule (one forward, one backward, in turn).
 Implements: p stages (one rank each) and m micro-batches. A schedule is data: for every stage, the ordered
-list of operations ("F", i) and ("B", i). ``simulate`` times a schedule from its dependencies alone (F of
-stage s waits for F of stage s − 1, B waits for B of stage s + 1) and counts the idle time. With forward time
-t_f and backward time t_b per micro-batch and stage, both schedules finish after (m + p − 1)(t_f + t_b), so the
-bubble is
+list of operations ("F", i) and ("B", i). ``simulate_schedule`` times a schedule from its dependencies alone
+(F of stage s waits for F of stage s − 1, B waits for B of stage s + 1) and counts the idle time. With
+forward time t_f and backward time t_b per micro-batch and stage, both schedules finish after
+(m + p − 1)(t_f + t_b), so the bubble is
     idle fraction = (p − 1) / (m + p − 1);
 1F1B keeps at most p − s micro-batches' activations alive on stage s instead of GPipe's m.
-``train_step`` runs a schedule on real ranks: activations go forward and their gradients backward by
-point-to-point send/recv, every micro-batch's loss is scaled by 1/m, so the accumulated gradients are those of
-the whole batch — the same as one process computing it at once.
+``pipeline_train_step`` runs a schedule on real ranks: activations go forward and their gradients backward
+by point-to-point send/recv, every micro-batch's loss is scaled by 1/m, so the accumulated gradients are
+those of the whole batch — the same as one process computing it at once.
 Glossary: p stages = world size · m ``micro_batches`` · s stage index = rank · t_f, t_b ``forward_time``,
           ``backward_time``.
 Left out: interleaved (virtual-stage) 1F1B, PipeDream's weight stashing (asynchronous updates), combining the
@@ -68,7 +68,8 @@ class Timeline:
     peak_in_flight: list[int]  # per stage: most micro-batches whose activations are held at once
 
 
-def simulate(schedule: list[list[Op]], forward_time: float = 1.0, backward_time: float = 2.0) -> Timeline:
+def simulate_schedule(schedule: list[list[Op]], forward_time: float = 1.0,
+                      backward_time: float = 2.0) -> Timeline:
     """Time a schedule: each operation starts when its stage is free and the operation it needs is done."""
     if forward_time <= 0 or backward_time <= 0:
         raise ValueError(f"forward_time={forward_time} and backward_time={backward_time} must be > 0")
@@ -129,8 +130,8 @@ class StepResult:
     sent_bytes: int  # activations and gradients this rank sent
 
 
-def train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn, micro_batches: int,
-               schedule: str = "1f1b", group=None) -> StepResult:
+def pipeline_train_step(stage: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, loss_fn,
+                        micro_batches: int, schedule: str = "1f1b", group=None) -> StepResult:
     """Run one pipelined forward and backward of ``stage`` on this rank; gradients accumulate in ``stage``.
 
     Every rank passes the whole batch: stage 0 reads ``inputs``, the last stage ``targets``. Each stage must

@@ -10,9 +10,9 @@ from effref.distributed.launch import run_ranks
 from effref.distributed.pipeline import (
     gpipe_schedule,
     one_f_one_b_schedule,
-    simulate,
+    pipeline_train_step,
+    simulate_schedule,
     split_layers,
-    train_step,
 )
 
 TARGET = f"{__file__}:%s"
@@ -36,7 +36,7 @@ def pipeline_worker():
         losses, first_grads, orders = [], None, []
         for _ in range(STEPS):
             opt.zero_grad()
-            result = train_step(stage, x, y, F.mse_loss, MICRO, schedule=schedule)
+            result = pipeline_train_step(stage, x, y, F.mse_loss, MICRO, schedule=schedule)
             first_grads = first_grads or [p.grad.clone() for p in stage.parameters()]
             losses.append(result.loss)
             orders.append([(kind, i) for kind, i, *_ in result.events])
@@ -46,7 +46,7 @@ def pipeline_worker():
     out["errors"] = []
     for micro, targets in ((3, y), (MICRO, y[:4])):
         try:
-            train_step(stage, x, targets, F.mse_loss, micro)
+            pipeline_train_step(stage, x, targets, F.mse_loss, micro)
         except ValueError as error:
             out["errors"].append(str(error))
     return out
@@ -89,15 +89,15 @@ def test_gpipe_and_1f1b_reproduce_one_process_on_the_whole_batch():
 @pytest.mark.parametrize("build", [gpipe_schedule, one_f_one_b_schedule])
 def test_the_simulated_bubble_equals_the_formula(build, stages, micro):
     for forward, backward in ((1.0, 1.0), (1.0, 2.0), (0.3, 0.5)):
-        timeline = simulate(build(stages, micro), forward, backward)
+        timeline = simulate_schedule(build(stages, micro), forward, backward)
         assert timeline.bubble == pytest.approx((stages - 1) / (micro + stages - 1))
         assert timeline.makespan == pytest.approx((micro + stages - 1) * (forward + backward))
 
 
 def test_1f1b_holds_fewer_activations_than_gpipe():
     stages, micro = 4, 8
-    assert simulate(gpipe_schedule(stages, micro)).peak_in_flight == [micro] * stages
-    assert simulate(one_f_one_b_schedule(stages, micro)).peak_in_flight == [4, 3, 2, 1]
+    assert simulate_schedule(gpipe_schedule(stages, micro)).peak_in_flight == [micro] * stages
+    assert simulate_schedule(one_f_one_b_schedule(stages, micro)).peak_in_flight == [4, 3, 2, 1]
 
 
 def test_every_micro_batch_runs_forward_then_backward_once_per_stage():
@@ -116,8 +116,8 @@ def test_split_layers_is_contiguous_and_even():
     (lambda: split_layers(3, 4), "stages=4 exceeds the model's 3 layers"),
     (lambda: gpipe_schedule(2, 0), "micro_batches=0 must be an int ≥ 1"),
     (lambda: one_f_one_b_schedule(0, 2), "stages=0"),
-    (lambda: simulate(gpipe_schedule(2, 2), forward_time=0), "forward_time=0"),
-    (lambda: simulate([[("B", 0), ("F", 0)]]), "deadlocks"),
+    (lambda: simulate_schedule(gpipe_schedule(2, 2), forward_time=0), "forward_time=0"),
+    (lambda: simulate_schedule([[("B", 0), ("F", 0)]]), "deadlocks"),
 ])
 def test_bad_configurations_get_clear_errors(call, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from effref.distributed.launch import run_ranks
-from effref.distributed.pipeline import gpipe_schedule, one_f_one_b_schedule, simulate
+from effref.distributed.pipeline import gpipe_schedule, one_f_one_b_schedule, simulate_schedule
 from effref.distributed.simulator import (
     STRATEGIES,
     bubble_fraction,
@@ -88,7 +88,8 @@ def test_a_trillion_parameters_fit_on_1024_gpus_with_zero_3_only():
 @pytest.mark.parametrize("stages, micro", [(2, 1), (4, 4), (4, 32), (8, 8), (16, 64)])
 def test_the_bubble_formula_equals_the_simulated_schedules(stages, micro):
     for schedule in (gpipe_schedule, one_f_one_b_schedule):
-        assert simulate(schedule(stages, micro)).bubble == pytest.approx(bubble_fraction(stages, micro))
+        timeline = simulate_schedule(schedule(stages, micro))
+        assert timeline.bubble == pytest.approx(bubble_fraction(stages, micro))
 
 
 def test_communication_of_tensor_and_pipeline_parallelism():
