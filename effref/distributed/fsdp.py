@@ -2,7 +2,7 @@
 
 Paper: Zhao, Gu, Varma, Luo, Huang, Xu, Wright, Shojanazeri, Ott, Shleifer, Desmaison, Balioglu, Damania,
 Nguyen, Chauhan, Hao, Mathews, Li (2023), "PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel",
-VLDB, arXiv:2304.11277 — §3.2 (units and sharding), §3.3.1 (backward and forward prefetching).
+VLDB, arXiv:2304.11277 — §3 (FSDP units, full sharding, backward and forward prefetching).
 Implements: ZeRO stage 3 (effref.distributed.zero) where the user names the units (a transformer's blocks) and
 the all-gather of a unit's parameters overlaps the computation of the unit before it: when unit i's forward
 starts, the gather of unit i+1 is issued without waiting; when unit i's backward starts, so is the gather of the

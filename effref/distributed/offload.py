@@ -6,7 +6,8 @@ Implements the paper's data flow on top of ZeRO stage 2 (or 1 or 3) of effref.di
 accelerator → the reduce-scattered gradient shard copied to the host → the optimizer step on the host, against
 an fp32 master copy of the rank's parameter shard → the updated shard copied back and all-gathered. Per rank,
 with fp32 parameters (the paper's fp16 parameters and gradients are 2 bytes, K = 12):
-    accelerator: 4Ψ bytes of parameters                     (stages 1–2; stage 3: only the units in use)
+    accelerator: 4Ψ bytes of parameters    (stage 2; stage 1 keeps its whole 4Ψ gradient there too, stage 3
+                                            holds only the units in use)
     host:        (4 + 4 + 8)·Ψ/N_d bytes: master shard, gradient shard, Adam's m and v
 Glossary: Ψ parameters · N_d ranks · "GPU" → the device the model lives on · "CPU" → ``host``.
 Left out: the paper's vectorised CPU-Adam (any torch optimizer steps on the host here), the one-step delayed
