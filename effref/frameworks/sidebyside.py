@@ -351,7 +351,8 @@ def architecture_rows(repeats: int = 3, seq_len: int = 24) -> list[Row]:
 
 def zero_rows() -> list[Row]:
     """Our ZeRO against torch's ``ZeroRedundancyOptimizer`` / FSDP2 / DeepSpeed, when ``effref.distributed``
-    offers ``zero_side_by_side()`` (a list of dicts with this module's ``Row`` fields); else one row saying so."""
+    offers ``zero_side_by_side()`` (a list of dicts with this module's ``Row`` fields; each comparison is
+    prefixed "ZeRO"); else one row saying it is not available."""
     comparison, library, metric = "ZeRO vs ZeroRedundancyOptimizer / FSDP2 / DeepSpeed", "torch.distributed", \
         "max |Δ loss|"
     try:
@@ -360,8 +361,11 @@ def zero_rows() -> list[Row]:
     except (ImportError, AttributeError) as exc:
         return [Row(comparison, library, "effref.distributed", metric, status="unavailable",
                     reason=f"not available: effref.distributed offers no zero_side_by_side ({type(exc).__name__})")]
-    return guarded(comparison, library, "effref.distributed", metric,
-                   lambda: [Row(**row) for row in side_by_side()])
+    def named(row: dict) -> Row:  # every row of this group reads "ZeRO ..." so that tables can tell them apart
+        title = row["comparison"] if row["comparison"].startswith("ZeRO") else f"ZeRO · {row['comparison']}"
+        return Row(**{**row, "comparison": title})
+
+    return guarded(comparison, library, "effref.distributed", metric, lambda: [named(r) for r in side_by_side()])
 
 
 # Libraries that need a CUDA GPU: not run here; their own published numbers, cited.

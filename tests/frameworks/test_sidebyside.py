@@ -103,3 +103,13 @@ def test_cuda_only_libraries_carry_a_citation_in_the_bibliography():
     for entry in CUDA_ONLY:
         assert f"{{{entry['cite']}," in bib, entry["cite"]
         assert torch is not None and entry["published claim"]
+
+
+def test_zero_rows_come_from_effref_distributed_when_it_offers_them(monkeypatch):
+    import effref.distributed
+
+    fake = [{"comparison": "stage 2 vs ZeroRedundancyOptimizer", "library": "torch", "ours": "ZeroEngine",
+             "metric": "max |Δ loss|", "agreement": 1e-7, "time_ratio": 1.2}]
+    monkeypatch.setattr(effref.distributed, "zero_side_by_side", lambda: fake, raising=False)
+    [row] = zero_rows()
+    assert row.status == "ok" and row.comparison == "ZeRO · stage 2 vs ZeroRedundancyOptimizer"
