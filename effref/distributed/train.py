@@ -129,6 +129,7 @@ def _deepspeed_engine(model: nn.Module, stage: int, cfg: TrainConfig, micro_batc
         deepspeed.ops.__dict__["__compatible_ops__"] = {}  # gloo does that job, so it is reported unavailable
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+              "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips the gradient norm to 1.0 unless told otherwise
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine

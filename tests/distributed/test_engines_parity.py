@@ -2,7 +2,7 @@
 
 ZeRO-1 against ``torch.distributed.optim.ZeroRedundancyOptimizer``, ZeRO-3 against FSDP2 (``fully_shard``), data
 parallelism against ``DistributedDataParallel``, and stages 1/2/3 against DeepSpeed's (0.19, gloo, no compiled
-extensions: torch's AdamW through ``zero_allow_untested_optimizer``).
+extensions: torch's AdamW through ``zero_allow_untested_optimizer``, gradient clipping off).
 """
 
 import importlib.util
@@ -42,13 +42,10 @@ def test_ours_equals_pytorch(runs, ours, theirs):
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed (the frameworks extra)")
 @pytest.mark.parametrize("ours, theirs", DEEPSPEED_PAIRS)
 def test_ours_equals_deepspeed(runs, ours, theirs):
+    # train.py turns off DeepSpeed's default gradient clipping (norm 1.0), which would bend its curve from the
+    # second update on (the first is scale-free under Adam)
     for rank in range(2):
-        # the first update agrees to rounding (the second loss is computed after it) ...
-        torch.testing.assert_close(runs[rank][ours]["losses"][:2], runs[rank][theirs]["losses"][:2], rtol=0,
-                                   atol=1e-6)
-        # ... later ones drift apart by ~1e-4 after four steps (DeepSpeed's stage-0 gradients equal ours to
-        # 3e-8, its updates from the second on do not; cause not found), still far below one step (lr = 3e-3)
-        assert_same_run(runs[rank][ours], runs[rank][theirs], atol=5e-4)
+        assert_same_run(runs[rank][ours], runs[rank][theirs], atol=1e-6)
 
 
 def test_every_engine_learns(runs):
