@@ -19,10 +19,10 @@
 """
 
 from effref.distributed.checkpointing import checkpoint, checkpoint_modules, saved_activation_bytes
+from effref.distributed.cost import TABLE_1, training_flops
 from effref.distributed.data_parallel import DataParallel, split_batch
 from effref.distributed.fsdp import FSDPEngine
 from effref.distributed.launch import init_distributed, run_ranks
-from effref.distributed.cost import TABLE_1, training_flops
 from effref.distributed.offload import ZeroOffload
 from effref.distributed.pipeline import gpipe_schedule, one_f_one_b_schedule, pipeline_train_step, simulate_schedule
 from effref.distributed.simulator import bubble_fraction, communication_elements, memory_per_gpu
