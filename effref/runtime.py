@@ -11,10 +11,14 @@ one progress bar serves both:
 - ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
   steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
   *paper* on a CUDA GPU and *quick* everywhere else.
+- ``quiet_backend_imports()`` holds back the warnings optional libraries log when they are first imported on a
+  CPU-only machine (torchao, which transformers and peft probe, says its CUDA extensions cannot load).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import random
 import sys
@@ -32,6 +36,24 @@ except ImportError:
     from tqdm import tqdm
 
 SCALE_NAMES = ("quick", "paper")
+# Loggers that speak when an optional backend is imported on a CPU: torchao warns that its CUDA extensions cannot
+# load and sets off a torch deprecation warning about its own enums; bitsandbytes, that it found no hub kernel for
+# its CPU path. None of it says anything about the work at hand.
+BACKEND_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
+
+
+@contextlib.contextmanager
+def quiet_backend_imports():
+    """Within the block, the loggers of ``BACKEND_IMPORT_LOGGERS`` pass errors only; their levels are restored."""
+    loggers = [logging.getLogger(name) for name in BACKEND_IMPORT_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def in_notebook() -> bool:

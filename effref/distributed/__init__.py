@@ -13,6 +13,8 @@
   real ranks (``pipeline_train_step``).
 - ``simulator``: memory and communication per GPU for every strategy at any scale (``memory_per_gpu``); ``cost``:
   the survey's Table 1 and the 6·N·D FLOPs calculator (``training_flops``).
+- ``side_by_side``: our ZeRO stages against ZeroRedundancyOptimizer, FSDP2 and DeepSpeed, as comparison rows
+  (``zero_side_by_side``).
 - ``train``: one script for 1..N processes, ours or PyTorch's or DeepSpeed's engine
   (``python -m effref.distributed.train`` / ``torchrun -m effref.distributed.train``; import it from
   ``effref.distributed.train``, so that running it as a script does not load it twice).
@@ -25,6 +27,7 @@ from effref.distributed.fsdp import FSDPEngine
 from effref.distributed.launch import init_distributed, run_ranks
 from effref.distributed.offload import ZeroOffload
 from effref.distributed.pipeline import gpipe_schedule, one_f_one_b_schedule, pipeline_train_step, simulate_schedule
+from effref.distributed.side_by_side import zero_side_by_side
 from effref.distributed.simulator import bubble_fraction, communication_elements, memory_per_gpu
 from effref.distributed.tensor_parallel import (ColumnParallelLinear, DenseBlock, ParallelBlock, ParallelMLP,
                                                 ParallelSelfAttention, RowParallelLinear)
@@ -34,4 +37,4 @@ __all__ = ["TABLE_1", "ColumnParallelLinear", "DataParallel", "DenseBlock", "FSD
            "ParallelMLP", "ParallelSelfAttention", "RowParallelLinear", "ZeroEngine", "ZeroOffload", "bubble_fraction",
            "checkpoint", "checkpoint_modules", "communication_elements", "gpipe_schedule", "init_distributed",
            "memory_per_gpu", "model_state_bytes", "one_f_one_b_schedule", "pipeline_train_step", "run_ranks",
-           "saved_activation_bytes", "simulate_schedule", "split_batch", "training_flops"]
+           "saved_activation_bytes", "simulate_schedule", "split_batch", "training_flops", "zero_side_by_side"]

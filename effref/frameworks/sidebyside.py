@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from effref.runtime import quiet_backend_imports
+
 STATUSES = ("ok", "unavailable", "failed", "cuda only")
 
 
@@ -59,7 +61,8 @@ def library_version(module: str) -> str:
 def guarded(comparison: str, library: str, ours: str, metric: str, run: Callable[[], list[Row]]) -> list[Row]:
     """``run()``, or one row saying why it could not run (a missing library, or its error on this machine)."""
     try:
-        return run()
+        with quiet_backend_imports():  # a library's first import may log about its CUDA parts
+            return run()
     except ImportError as exc:
         return [Row(comparison, library, ours, metric, status="unavailable", reason=f"not importable: {exc}")]
     except Exception as exc:  # noqa: BLE001 (a library that breaks here must not break the page)
@@ -384,5 +387,5 @@ CUDA_ONLY = (
      "ours": "effref.moe.dropless_experts"},
     {"library": "DeepSpeed (CUDA kernels)", "what it builds": "fused inference kernels, ZeRO-Inference",
      "published claim": "models over 100B parameters trained with super-linear speedup on 400 GPUs",
-     "cite": "rajbhandari2020zero", "ours": "effref.distributed (ZeRO, in progress)"},
+     "cite": "rajbhandari2020zero", "ours": "effref.distributed.ZeroEngine (ZeRO 1-3, against DeepSpeed on gloo above)"},
 )

@@ -14,9 +14,7 @@ hub otherwise. ``impl="effref"`` converts the transformers model into our own :c
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from effref import assets
+from effref.runtime import quiet_backend_imports
 
 SOURCES = ("auto", "offline", "hub")
 IMPLS = ("hf", "effref")
@@ -88,25 +87,6 @@ def _pick_source(name: str, spec: ModelSpec, source: str) -> str:
     return choice
 
 
-# Loggers that speak when transformers probes its optional quantization backends during ``from_pretrained``:
-# torchao (installed for the frameworks chapter) warns on import that its CUDA extensions cannot load on a CPU, and
-# triggers a torch deprecation warning about its own enums. Neither says anything about the model being loaded.
-BACKEND_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
-
-
-@contextlib.contextmanager
-def _quiet_backend_imports():
-    loggers = [logging.getLogger(name) for name in BACKEND_IMPORT_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
-
-
 def _load_transformers(name: str, spec: ModelSpec, source: str, dtype: torch.dtype, seed: int):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -151,7 +131,7 @@ def load_model(name: str, source: str = "auto", impl: str = "hf", dtype: torch.d
         raise ValueError(f"impl={impl!r} is not known; use one of {IMPLS}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not known; use one of {SOURCES}")
-    with _quiet_backend_imports():
+    with quiet_backend_imports():  # transformers probes its quantization backends here
         model, tokenizer, src = _load_transformers(name, MODELS[name], source, dtype, seed)
     if impl == "effref":
         from effref.models.llama import Llama
