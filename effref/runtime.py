@@ -11,13 +11,12 @@ one progress bar serves both:
 - ``get_scale()`` returns a :class:`Scale`: how many evaluation windows, calibration samples and training
   steps a chapter may spend. ``EFFREF_SCALE=quick|paper|auto`` chooses; ``auto`` (the default) means
   *paper* on a CUDA GPU and *quick* everywhere else.
-- ``quiet_backend_imports()`` holds back the warnings optional libraries log when they are first imported on a
-  CPU-only machine (torchao, which transformers and peft probe, says its CUDA extensions cannot load).
+- ``BACKEND_IMPORT_NOISE``: the few messages optional libraries log when imported on a CPU-only machine (torchao's
+  missing CUDA extensions, which transformers and peft probe), filtered out of their loggers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
@@ -36,24 +35,30 @@ except ImportError:
     from tqdm import tqdm
 
 SCALE_NAMES = ("quick", "paper")
-# Loggers that speak when an optional backend is imported on a CPU: torchao warns that its CUDA extensions cannot
-# load and sets off a torch deprecation warning about its own enums; bitsandbytes, that it found no hub kernel for
-# its CPU path. None of it says anything about the work at hand.
-BACKEND_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
+# What optional backends log when they are imported on a machine without a GPU, and which says nothing about the
+# work at hand: torchao (which transformers probes as soon as a model class is touched, and peft too) cannot load
+# its CUDA extensions and sets off a torch deprecation warning about its enums; bitsandbytes finds no hub kernel for
+# its CPU path. A filter on each of those loggers drops exactly these messages (and nothing else they log), so that
+# chapters show no stderr block for them. Installed once, when effref is imported.
+BACKEND_IMPORT_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+}
 
 
-@contextlib.contextmanager
-def quiet_backend_imports():
-    """Within the block, the loggers of ``BACKEND_IMPORT_LOGGERS`` pass errors only; their levels are restored."""
-    loggers = [logging.getLogger(name) for name in BACKEND_IMPORT_LOGGERS]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
+class _DropBackendImportNoise(logging.Filter):
+    def __init__(self, starts: tuple[str, ...]):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        return not any(part in message for part in self.starts)
+
+
+for _name, _parts in BACKEND_IMPORT_NOISE.items():
+    logging.getLogger(_name).addFilter(_DropBackendImportNoise(_parts))
 
 
 def in_notebook() -> bool:

@@ -1,5 +1,6 @@
 """Device choice, seeding and the scale switch."""
 
+import logging
 import pytest
 import torch
 
@@ -74,3 +75,14 @@ def test_bad_progress_switch_is_refused(monkeypatch):
 
 def test_a_test_process_is_not_a_notebook():
     assert runtime.in_notebook() is False
+
+
+def test_only_the_known_backend_import_noise_is_filtered(caplog):
+    import effref.runtime  # noqa: F401  (installs the filters)
+
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("torchao").warning("Failed to load /x/_C_mxfp8.so: Could not load this library")
+        logging.getLogger("torch.utils._pytree").warning("%s is an Enum subclass and is now natively supported by "
+                                                         "torch.compile", "Kind")
+        logging.getLogger("torchao").warning("a quantization config was ignored")
+    assert [r.getMessage() for r in caplog.records] == ["a quantization config was ignored"]

@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from effref.runtime import quiet_backend_imports
-
 STATUSES = ("ok", "unavailable", "failed", "cuda only")
 
 
@@ -61,8 +59,7 @@ def library_version(module: str) -> str:
 def guarded(comparison: str, library: str, ours: str, metric: str, run: Callable[[], list[Row]]) -> list[Row]:
     """``run()``, or one row saying why it could not run (a missing library, or its error on this machine)."""
     try:
-        with quiet_backend_imports():  # a library's first import may log about its CUDA parts
-            return run()
+        return run()
     except ImportError as exc:
         return [Row(comparison, library, ours, metric, status="unavailable", reason=f"not importable: {exc}")]
     except Exception as exc:  # noqa: BLE001 (a library that breaks here must not break the page)

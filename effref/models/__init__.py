@@ -22,7 +22,6 @@ from typing import Any
 import torch
 
 from effref import assets
-from effref.runtime import quiet_backend_imports
 
 SOURCES = ("auto", "offline", "hub")
 IMPLS = ("hf", "effref")
@@ -131,8 +130,7 @@ def load_model(name: str, source: str = "auto", impl: str = "hf", dtype: torch.d
         raise ValueError(f"impl={impl!r} is not known; use one of {IMPLS}")
     if source not in SOURCES:
         raise ValueError(f"source={source!r} is not known; use one of {SOURCES}")
-    with quiet_backend_imports():  # transformers probes its quantization backends here
-        model, tokenizer, src = _load_transformers(name, MODELS[name], source, dtype, seed)
+    model, tokenizer, src = _load_transformers(name, MODELS[name], source, dtype, seed)
     if impl == "effref":
         from effref.models.llama import Llama
 
