@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from effref.models.llama import Llama, LlamaConfig
+from effref.models.llama import Llama, LlamaConfig, RopeScaling
 from effref.moe.experts import Experts, MoELayer, Routing, check_experts, moe_layers
 from effref.moe.switch import load_balancing_loss
 
@@ -195,6 +195,9 @@ def load_mixtral(path: str | Path) -> Mixtral:
     if meta is None:
         raise ValueError(f"{path} has no {_CONFIG_KEY} header; it was not written by save_mixtral")
     known = {f.name for f in fields(MixtralConfig)}
-    model = Mixtral(MixtralConfig(**{k: v for k, v in json.loads(meta).items() if k in known}))
+    values = {k: v for k, v in json.loads(meta).items() if k in known}
+    if isinstance(values.get("rope_scaling"), dict):  # asdict wrote the nested RopeScaling as a JSON object
+        values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+    model = Mixtral(MixtralConfig(**values))
     load_model(model, str(path), strict=True)
     return model.eval()

@@ -13,6 +13,7 @@ from effref.moe import (
     moe_layers,
     save_mixtral,
 )
+from effref.models.llama import RopeScaling
 from effref.moe.switch import load_balancing_loss
 
 transformers = pytest.importorskip("transformers")
@@ -92,9 +93,11 @@ def test_balancing_loss_equals_transformers_per_layer():
     assert ours.aux_loss() > 0
 
 
-def test_save_and_load_are_exact(tmp_path):
+@pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("yarn", 2.0, original_len=32)])
+def test_save_and_load_are_exact(tmp_path, scaling):
     model = randomise(Mixtral(MixtralConfig(vocab_size=101, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                            d_ff=24, n_experts=4, top_k=2, max_seq_len=64, tie_embeddings=True)))
+                                            d_ff=24, n_experts=4, top_k=2, max_seq_len=64, tie_embeddings=True,
+                                            rope_scaling=scaling)))
     size = save_mixtral(model, tmp_path / "m.safetensors")
     back = load_mixtral(tmp_path / "m.safetensors")
     assert size > 0 and back.cfg == model.cfg
