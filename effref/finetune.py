@@ -1,16 +1,20 @@
-"""The fine-tuning bench: one small downstream task and one training loop shared by every fine-tuning chapter.
+"""The fine-tuning bench: small downstream tasks and one training loop shared by every fine-tuning chapter.
 
-Task — "which Austen novel is this passage from?" (six classes). For each novel the text (whitespace
-collapsed, the first 2 % skipped so title pages never appear) is cut by characters into a training part
-(the first 80 %) and a test part (the rest), so train and test passages never overlap. Passages start at
-seeded random character offsets (snapped to a word start) and keep their first ``passage_tokens`` tokens.
-Each example is  ``passage + "\\nNovel:"``  and its label is the next token: the first token of the novel's
-short title (" Emma", " Persuasion", " Pride", " Sense", " Mansfield", " Northanger" — six different
-tokens for the SmolLM2 tokenizer). The classifier is the language model itself: the predicted class is the
-verbaliser with the highest log-likelihood at the last position, so accuracy is measured with no new head
-(chance = 1/6). Training minimises the cross-entropy of the label token normalised over the six
-verbalisers (the model learns to discriminate in a few steps; ``task_loss(..., over="vocab")`` is the
-plain next-token loss over the whole vocabulary).
+Tasks — classification with the language model itself as the classifier. Each text (whitespace collapsed, the
+first 2 % skipped so title pages never appear) is cut by characters into a training part (the first 80 %) and a
+test part (the rest), so train and test passages never overlap. Passages start at seeded random character
+offsets (snapped to a word start) and keep their first ``passage_tokens`` tokens. Each example is
+``passage + suffix`` and its label is the next token: the first token of the class's verbaliser. The predicted
+class is the verbaliser with the highest log-likelihood at the last position, so accuracy is measured with no
+new head. Training minimises the cross-entropy of the label token normalised over the C verbalisers
+(``task_loss(..., over="vocab")`` is the plain next-token loss over the whole vocabulary).
+
+- ``source_task``: "what kind of text is this?" — fiction (Austen), the Python manual, Python code, a license
+  (four classes, chance 1/4), prompt ``"\\nThis text is from a"``, verbalisers " novel", " manual", " program",
+  " license". SmolLM2-135M starts above chance and learns it in a few dozen steps: the chapters' bench.
+- ``novel_task``: "which Austen novel is this passage from?" (six classes, verbalisers the short titles " Emma",
+  " Persuasion", " Pride", " Sense", " Mansfield", " Northanger"). Much harder: a small model starts at chance
+  and a linear probe on its last hidden state reaches only about 0.4 with a few hundred passages.
 
 Training loop — ``train(model, task, steps, lr, batch_size, optimizer)`` runs ``steps`` optimiser steps on
 batches drawn (seeded) from the training passages, over the parameters that have ``requires_grad``. It
@@ -33,7 +37,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,13 @@ NOVELS = {
     "mansfieldpark": ("Mansfield Park", " Mansfield"),
     "northangerabbey": ("Northanger Abbey", " Northanger"),
 }
+# corpus -> (class name, verbaliser) of source_task
+SOURCES = {
+    "austen": ("fiction", " novel"),
+    "pydoc": ("Python manual", " manual"),
+    "stdlib": ("Python code", " program"),
+    "licenses": ("license", " license"),
+}
 
 
 @dataclass
@@ -68,9 +79,9 @@ class NovelTask:
     suffix: str
 
     def describe(self) -> str:
-        return (f"{len(self.classes)}-way novel classification: {len(self.train_ids)} train / "
+        return (f"{len(self.classes)}-way classification ({', '.join(self.classes)}): {len(self.train_ids)} train / "
                 f"{len(self.test_ids)} test passages of {self.passage_tokens} tokens + {self.suffix!r} "
-                f"(T = {self.train_ids.shape[1]}); train from the first 80% of each novel, test from the rest")
+                f"(T = {self.train_ids.shape[1]}); train from the first 80% of each text, test from the rest")
 
 
 def _austen_texts() -> dict[str, str]:
@@ -132,6 +143,31 @@ def novel_task(tokenizer, passage_tokens: int = 48, train_per_class: int = 32, t
         tensors[split] = (torch.tensor(seqs)[order], torch.tensor(labels)[order])
     titles = tuple(NOVELS[n][0] if n in NOVELS else n for n in names)
     return NovelTask(titles, torch.tensor(label_ids), *tensors["train"], *tensors["test"], passage_tokens, suffix)
+
+
+def source_task(tokenizer, passage_tokens: int = 24, train_per_class: int = 48, test_per_class: int = 48,
+                seed: int = 0) -> NovelTask:
+    """"What kind of text is this?": four classes (fiction, Python manual, Python code, license), the learnable bench.
+
+    The same construction as ``novel_task`` over the texts of ``SOURCES``, each the documents of one corpus joined
+    in their fixed order (Austen's six novels; ``effref.data``'s ``pydoc``, ``stdlib`` and ``licenses``), so the
+    test passages come from the last fifth of each: documents (a novel, modules, topics, licenses) that no
+    training passage was drawn from. The prompt asks for the kind of text and the verbalisers name it, so the
+    model starts above chance (1/4) and a few dozen steps make it a good classifier.
+    """
+    from effref.data import load_corpus
+
+    def whole(name: str) -> str:  # every document of the corpus, in its fixed order
+        if name == "austen":
+            return "\n\n".join(_austen_texts().values())
+        corpus = load_corpus(name)
+        return "\n\n".join((corpus.train, corpus.validation, corpus.test))
+
+    texts = {name: whole(name) for name in SOURCES}
+    task = novel_task(tokenizer, passage_tokens, train_per_class, test_per_class, seed=seed,
+                      suffix="\nThis text is from a", texts=texts,
+                      verbalisers={name: verbaliser for name, (_, verbaliser) in SOURCES.items()})
+    return replace(task, classes=tuple(SOURCES[name][0] for name in sorted(texts)))
 
 
 def toy_task(seed: int = 0, passage_tokens: int = 24, train_per_class: int = 16, test_per_class: int = 8) -> NovelTask:

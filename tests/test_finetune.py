@@ -147,3 +147,41 @@ def test_class_scores_give_the_accuracy_and_the_class_loss():
                                task_loss(model, task, task.train_ids, task.train_labels), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="split='dev'"):
         evaluate(model, task, split="dev")
+
+
+class WordTokenizer:
+    """Each word with its leading space is one token (ids handed out on first sight), like a BPE on these texts."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {}
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        import re
+
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in re.findall(r" ?\S+", text)]}
+
+
+def test_source_task_asks_for_the_kind_of_text_and_tests_on_unseen_documents(monkeypatch):
+    from types import SimpleNamespace
+
+    import effref.data
+    import effref.finetune
+
+    def documents(tag):  # the first four fifths use words "<t>e…", the last fifth "<t>z…" (t: the tag's initial)
+        words = [f"{tag[0]}e{i % 50}" for i in range(8000)] + [f"{tag[0]}z{i % 50}" for i in range(2000)]
+        return " ".join(words)
+
+    monkeypatch.setattr(effref.finetune, "_austen_texts", lambda: {"emma": documents("novel")})
+    monkeypatch.setattr(effref.data, "load_corpus", lambda name: SimpleNamespace(
+        train=documents(name), validation="", test=""))
+    tokenizer = WordTokenizer()
+    task = effref.finetune.source_task(tokenizer, passage_tokens=8, train_per_class=5, test_per_class=3)
+    assert task.classes == ("fiction", "license", "Python manual", "Python code")  # sorted corpus names
+    assert task.label_ids.tolist() == [tokenizer.vocab[w] for w in (" novel", " license", " manual", " program")]
+    suffix = tokenizer("\nThis text is from a")["input_ids"]
+    assert task.train_ids.shape == (20, 8 + len(suffix)) and task.test_ids.shape == (12, 8 + len(suffix))
+    assert task.train_ids[:, 8:].eq(torch.tensor(suffix)).all()
+    words = {i: w for w, i in tokenizer.vocab.items()}
+    for ids, labels, part in ((task.train_ids, task.train_labels, "e"), (task.test_ids, task.test_labels, "z")):
+        for row, label in zip(ids[:, :8].tolist(), labels.tolist()):
+            assert all(words[i].strip().startswith("nlps"[label] + part) for i in row[1:]), (part, label, row)
