@@ -161,7 +161,7 @@ def source_task(tokenizer, passage_tokens: int = 24, train_per_class: int = 48, 
         if name == "austen":
             return "\n\n".join(_austen_texts().values())
         corpus = load_corpus(name)
-        return "\n\n".join((corpus.train, corpus.validation, corpus.test))
+        return f"{corpus.train}\n\n{corpus.validation}\n\n{corpus.test}"
 
     texts = {name: whole(name) for name in SOURCES}
     task = novel_task(tokenizer, passage_tokens, train_per_class, test_per_class, seed=seed,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from effref.models.llama import RopeScaling
 from effref.moe import (
     Experts,
     Mixtral,
@@ -13,7 +14,6 @@ from effref.moe import (
     moe_layers,
     save_mixtral,
 )
-from effref.models.llama import RopeScaling
 from effref.moe.switch import load_balancing_loss
 
 transformers = pytest.importorskip("transformers")
