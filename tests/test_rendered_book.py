@@ -83,9 +83,10 @@ def chapter_pages() -> list[Path]:
 
 
 # What a reader should never see in a chapter's outputs: the return value of a call made for its side effect
-# (a caption's Text, a gc.collect() count, a list of Line2D), printed as a cell's result.
-STRAY_RESULT = re.compile(r"^\s*(\d+|None|Text\(.*\)|\[?<matplotlib\.[^>]*>\]?|<Figure size [^>]*>)\s*$",
-                          re.S)
+# (a caption's Text, a gc.collect() count, a list of Line2D, the number or text glue() returns), printed as a
+# cell's result.
+STRAY_RESULT = re.compile(r"^\s*(-?\d+(\.\d*)?(e[-+]?\d+)?|&#39;.*&#39;|'.*'|None|Text\(.*\)"
+                          r"|\[?<matplotlib\.[^>]*>\]?|<Figure size [^>]*>)\s*$", re.S)  # a cell's leftover value
 
 
 def test_chapters_show_no_stderr_no_stray_results_and_no_broken_math():
