@@ -112,3 +112,19 @@ def test_every_citation_is_in_the_bibliography():
             cited |= {k.strip() for k in group.split(",")}
     assert cited, "no chapter cites anything"
     assert cited <= keys, f"cited but missing from references.bib: {sorted(cited - keys)}"
+
+
+@pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_glued_name_in_the_prose_is_glued_by_a_cell(chapter):
+    """A {glue:text}`name` with no glue("name", …) fails only the book build, at the end of CI; catch it here.
+
+    A name counts as glued when a code cell holds it as a string literal, or glues under a computed name that
+    starts with a literal prefix of it (glue(f"ppl_{…}", …), glue("end_" + …, …))."""
+    cells = jupytext.read(chapter).cells
+    code = "\n".join(c.source for c in cells if c.cell_type == "code")
+    prose = "\n".join(c.source for c in cells if c.cell_type == "markdown")
+    literals = set(re.findall(r"""["']([A-Za-z_]\w*)["']""", code))
+    prefixes = re.findall(r"""glue\(\s*f?["']([A-Za-z_]\w*?)(?:\{|["']\s*\+)""", code)
+    used = set(re.findall(r"\{glue(?::\w+)?\}`([A-Za-z_]\w*)", prose))
+    missing = sorted(name for name in used if name not in literals and not any(name.startswith(p) for p in prefixes))
+    assert not missing, f"{chapter.name}: the prose shows glued names no cell glues: {missing}"
