@@ -38,12 +38,14 @@ SCALE_NAMES = ("quick", "paper")
 # What optional backends log when they are imported on a machine without a GPU, and which says nothing about the
 # work at hand: torchao (which transformers probes as soon as a model class is touched, and peft too) cannot load
 # its CUDA extensions and sets off a torch deprecation warning about its enums; bitsandbytes finds no hub kernel for
-# its CPU path. A filter on each of those loggers drops exactly these messages (and nothing else they log), so that
+# its CPU path, and its hub-kernel loader says, offline, that it skips a trust check for a kernel already cached.
+# A filter on each of those loggers drops exactly these messages (and nothing else they log), so that
 # chapters show no stderr block for them. Installed once, when effref is imported.
 BACKEND_IMPORT_NOISE = {
     "torchao": ("Failed to load ",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward",),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check",),  # offline: a cached hub kernel is used
 }
 
 

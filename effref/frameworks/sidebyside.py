@@ -25,6 +25,7 @@ import importlib
 import importlib.metadata
 import io
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -100,8 +101,10 @@ def lora_rows(hf_model: torch.nn.Module, ids: torch.Tensor, r: int = 8, repeats:
         from effref.peft import LoraConfig, apply_lora, merge_lora
 
         version = f"peft {peft.__version__}"
-        theirs = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(
-            r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
+        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates; not our concern here
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            theirs = peft.get_peft_model(copy.deepcopy(hf_model), peft.LoraConfig(
+                r=r, lora_alpha=2 * r, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)).eval()
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():  # peft starts B at zero, which would make every comparison trivially equal
             for name, p in theirs.named_parameters():
