@@ -13,8 +13,9 @@ new head. Training minimises the cross-entropy of the label token normalised ove
   (four classes, chance 1/4), prompt ``"\\nThis text is from a"``, verbalisers " novel", " manual", " program",
   " license". SmolLM2-135M starts above chance and learns it in a few dozen steps: the chapters' bench.
 - ``novel_task``: "which Austen novel is this passage from?" (six classes, verbalisers the short titles " Emma",
-  " Persuasion", " Pride", " Sense", " Mansfield", " Northanger"). Much harder: a small model starts at chance
-  and a linear probe on its last hidden state reaches only about 0.4 with a few hundred passages.
+  " Persuasion", " Pride", " Sense", " Mansfield", " Northanger"). Much harder: SmolLM2-135M starts at chance,
+  and a logistic-regression probe on its last hidden state, fitted to 192 passages of 40 tokens, scored about 0.4
+  on held-out passages when we tried it (a one-off measurement, not part of the book).
 
 Training loop — ``train(model, task, steps, lr, batch_size, optimizer)`` runs ``steps`` optimiser steps on
 batches drawn (seeded) from the training passages, over the parameters that have ``requires_grad``. It
@@ -242,6 +243,16 @@ def evaluate(model: nn.Module, task: NovelTask, batch_size: int = 16, split: str
     """Accuracy: the class whose verbaliser token has the highest logit at the last position."""
     scores, labels = class_scores(model, task, split, batch_size)
     return (scores.argmax(-1) == labels).float().mean().item()
+
+
+def accuracy_se(accuracy: float, n: int) -> float:
+    """The binomial standard error √(p(1 − p)/n) of an accuracy p measured on n examples: how far apart two
+    accuracies must lie (two of these, say) before a comparison says more than which passages were drawn.
+
+    Never below 1/n, the resolution of n examples, so a perfect (or zero) score has a finite margin over others."""
+    if not 0 <= accuracy <= 1 or isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"accuracy={accuracy!r}, n={n!r}: need 0 <= accuracy <= 1 and a positive integer n")
+    return max(math.sqrt(accuracy * (1 - accuracy) / n), 1 / n)
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from effref.finetune import (
+    accuracy_se,
     byte_tokenizer,
     class_scores,
     evaluate,
@@ -185,3 +186,12 @@ def test_source_task_asks_for_the_kind_of_text_and_tests_on_unseen_documents(mon
     for ids, labels, part in ((task.train_ids, task.train_labels, "e"), (task.test_ids, task.test_labels, "z")):
         for row, label in zip(ids[:, :8].tolist(), labels.tolist()):
             assert all(words[i].strip().startswith("nlps"[label] + part) for i in row[1:]), (part, label, row)
+
+
+def test_accuracy_se_is_the_spread_of_a_mean_of_hits_and_refuses_nonsense():
+    hits = torch.tensor([1.0] * 57 + [0.0] * 135)  # 57 of 192 right
+    assert accuracy_se(hits.mean().item(), 192) == pytest.approx(hits.std(unbiased=False).item() / 192 ** 0.5)
+    assert accuracy_se(1.0, 50) == accuracy_se(0.0, 50) == 1 / 50  # the resolution of 50 passages, not zero
+    for accuracy, n in ((1.5, 10), (0.5, 0), (0.5, 2.0)):
+        with pytest.raises(ValueError, match="accuracy="):
+            accuracy_se(accuracy, n)
